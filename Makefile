@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when it is missing, and re-installs when pyproject.toml or this file changed.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch; override elsewhere, e.g. `make setup TORCH_SPEC="torch==2.13.0+cu128"`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.seedtok-installed
+DEMO_OUT ?= demo-out
+
+.PHONY: setup test test-slow bench demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/tokenize.py
+
+# Until the embedded default lands: tokenize real photos that scikit-image ships.
+demo: $(STAMP)
+	@mkdir -p $(DEMO_OUT)
+	$(BIN)/seedtok tokenize --json --model micro \
+	  $$($(BIN)/python -c "import os, skimage.data as d; p = os.path.dirname(d.__file__); print(' '.join(os.path.join(p, n) for n in ('astronaut.png', 'coffee.png', 'chelsea.png', 'rocket.jpg')))") \
+	  | tee $(DEMO_OUT)/ids.jsonl
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

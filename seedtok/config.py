@@ -1,0 +1,207 @@
+"""Configuration: one dataclass per part, composed into `TokenizerConfig`, and the named presets.
+
+Presets
+- ``seed2``: the SEED-2 tokenizer of SEED-LLaMA (released ``seed_quantizer.pt``), SPEC §2.1-2.5.
+- ``seed1``: the SEED-1 tokenizer; identical but for the de-tokenizer (77-query reverse Q-Former, SPEC §2.6).
+- ``micro`` / ``micro-seed1``: tiny widths, random weights from a fixed seed (tests, ``--model micro``); still
+  32 causal queries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder. ``kind="eva_vit"`` is EVA ViT-g/14 (as transformers' Blip2VisionModel, which is
+    the same network); at reduced widths it is the micro preset's small random ViT."""
+
+    kind: str = "eva_vit"
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_size: int = 1408
+    num_layers: int = 39  # EVA ViT-g has 40 blocks; SEED uses the first 39 (the 40th is dropped)
+    num_heads: int = 16
+    intermediate_size: int = 6144
+    layer_norm_eps: float = 1e-6
+    ln_vision_eps: float = 1e-5  # ``ln_vision`` is a plain nn.LayerNorm in the reference
+    init_std: float = 0.02
+
+    @property
+    def num_states(self) -> int:
+        """Tokens the Q-Former cross-attends to: patches + CLS."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclass
+class QFormerConfig:
+    """The causal Q-Former (BERT layers, SPEC §2.2-2.3) and, when ``text_branch``, its stage-1 text side."""
+
+    num_queries: int = 32
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-12
+    cross_attention_every: int = 2  # layers 0, 2, 4, ... cross-attend to the image states
+    encoder_width: int = 1408
+    causal: bool = True  # lower-triangular self-attention among the queries (SEED); False = BLIP-2
+    dropout: float = 0.1  # hidden and attention dropout (training only)
+    init_std: float = 0.02  # BERT's; the micro preset uses more so random models react to their input
+    # Stage-1 text branch: word/position embeddings, text FFNs and the contrastive head. The released
+    # inference checkpoints drop it, so the paper presets leave it off (parameter counts then match).
+    text_branch: bool = False
+    vocab_size: int = 30523  # bert-base-uncased + [DEC]
+    max_position_embeddings: int = 512
+    max_text_length: int = 32
+    contrastive_dim: int = 256
+    initial_temperature: float = 0.07
+
+
+@dataclass
+class QuantizerConfig:
+    """The VQ codebook (SPEC §2.4). The paper form is squared-L2 lookup, taming's legacy loss, STE."""
+
+    codebook_size: int = 8192
+    code_dim: int = 32
+    beta: float = 0.25
+
+
+@dataclass
+class DetokenizerConfig:
+    """Codes -> reconstructed causal embeddings and generation embeddings (SPEC §2.5-2.6).
+
+    ``kind="seed2"``: blocks_image + image_down MLP + Linear -> unCLIP image embedding [B, gen_dim].
+    ``kind="seed1"``: blocks_text + 77-query reverse Q-Former -> SD-1 text states [B, 77, gen_dim].
+    """
+
+    kind: str = "seed2"
+    num_blocks: int = 4
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6
+    reconstruction_branch: bool = True  # pos_embed + blocks: only for the stage-2 loss
+    # seed2 generation head
+    image_down_dims: tuple[int, ...] = (256, 128, 32)
+    generation_dim: int = 1024
+    # seed1 reverse Q-Former
+    reverse_queries: int = 77
+    reverse_layers: int = 4
+    reverse_cross_attention_every: int = 2
+    reverse_intermediate_size: int = 3072
+    reverse_num_heads: int = 12
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = "seed2"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    detokenizer: DetokenizerConfig = field(default_factory=DetokenizerConfig)
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    resample: str = "bicubic"
+    seed: int = 0  # random init seed (micro presets are deterministic by it)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.qformer.num_queries
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TokenizerConfig":
+        parts = {"vision": VisionConfig, "qformer": QFormerConfig, "quantizer": QuantizerConfig,
+                 "detokenizer": DetokenizerConfig}
+        kwargs: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key not in known:
+                raise ConfigError(f"unknown tokenizer config key {key!r}")
+            if key in parts:
+                kwargs[key] = _build(parts[key], value)
+            elif isinstance(value, list):
+                kwargs[key] = tuple(value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "TokenizerConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        return cls.from_dict(data)
+
+
+def _build(part_cls, value: dict[str, Any]):
+    known = {f.name for f in dataclasses.fields(part_cls)}
+    unknown = set(value) - known
+    if unknown:
+        raise ConfigError(f"unknown {part_cls.__name__} keys: {sorted(unknown)}")
+    return part_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def _seed2() -> TokenizerConfig:
+    return TokenizerConfig(name="seed2")
+
+
+def _seed1() -> TokenizerConfig:
+    return TokenizerConfig(
+        name="seed1",
+        detokenizer=DetokenizerConfig(kind="seed1", reconstruction_branch=False, generation_dim=768),
+    )
+
+
+def _micro(kind: str = "seed2") -> TokenizerConfig:
+    hidden = 32
+    return TokenizerConfig(
+        name="micro" if kind == "seed2" else "micro-seed1",
+        vision=VisionConfig(image_size=28, patch_size=7, hidden_size=48, num_layers=2, num_heads=4,
+                            intermediate_size=96),
+        qformer=QFormerConfig(hidden_size=hidden, num_layers=4, num_heads=4, intermediate_size=64,
+                              encoder_width=48, text_branch=True, vocab_size=128, init_std=0.3,
+                              max_position_embeddings=64, contrastive_dim=16),
+        quantizer=QuantizerConfig(codebook_size=64, code_dim=8),
+        detokenizer=DetokenizerConfig(
+            kind=kind, num_blocks=2, num_heads=4, image_down_dims=(16, 8, 4), generation_dim=24,
+            reconstruction_branch=(kind == "seed2"), reverse_queries=7, reverse_layers=2,
+            reverse_intermediate_size=64, reverse_num_heads=4),
+    )
+
+
+PRESETS = {
+    "seed2": _seed2,
+    "seed1": _seed1,
+    "micro": lambda: _micro("seed2"),
+    "micro-seed1": lambda: _micro("seed1"),
+}
+
+
+def preset(name: str) -> TokenizerConfig:
+    """A fresh copy of a named preset's config."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,270 @@
+"""``SeedTokenizer``: image -> 32 causal ids -> generation embeddings, in one checkpoint folder.
+
+    image -> preprocess -> vision encoder -> causal Q-Former -> quantizer -> ids [B, 32]
+    ids -> codebook vectors -> de-tokenizer -> generation embeddings (unCLIP 1024 / SD-1 77x768)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import PRESETS, TokenizerConfig, preset
+from ..data.transforms import ImageInput, load_image, preprocess
+from ..errors import CheckpointError, ConfigError, IdsError
+from .detokenizer import build_detokenizer
+from .qformer import QFormer
+from .quantizer import QuantizerOutput, VectorQuantizer
+from .vision import build_vision
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+# Weights that stay fp32 whatever the model's dtype: the reference computes ln_vision in fp32, and code
+# lookup is done in fp32 (see VectorQuantizer.lookup), so the codebook is kept exact.
+_FP32_PARAMS = ("vision.ln_vision.", "quantizer.embedding.")
+
+
+@dataclass
+class TokenizerOutput:
+    ids: torch.Tensor  # [B, N]
+    causal_embeddings: torch.Tensor  # [B, N, hidden]: the Q-Former's outputs, before quantisation
+    quantized: QuantizerOutput
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16") from None
+
+
+class SeedTokenizer(nn.Module):
+    """The SEED image tokenizer. Build from a config (random weights), a preset or folder
+    (`from_pretrained`), or official checkpoints (`from_official`)."""
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__()
+        self.config = config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # every build of a config gives the same random weights
+            self.vision = build_vision(config.vision)
+            self.qformer = QFormer(config.qformer)
+            self.quantizer = VectorQuantizer(config.quantizer, config.qformer.hidden_size)
+            self.detokenizer = build_detokenizer(config.detokenizer, config.quantizer, config.num_tokens,
+                                                 config.qformer.hidden_size)
+        self.vision.requires_grad_(False)  # frozen in every stage
+        self.load_report = None
+
+    # ------------------------------------------------------------------------------------- properties
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.quantizer.codebook_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.qformer.query_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.qformer.query_tokens.device
+
+    def set_dtype(self, dtype: str | torch.dtype) -> "SeedTokenizer":
+        """Cast to fp32 / bf16 / fp16, keeping ln_vision and the codebook in fp32."""
+        dtype = resolve_dtype(dtype)
+        for name, param in self.named_parameters():
+            param.data = param.data.to(torch.float32 if name.startswith(_FP32_PARAMS) else dtype)
+        return self
+
+    # ----------------------------------------------------------------------------------------- encode
+    def preprocess(self, images: Iterable[ImageInput], background: tuple[int, int, int] | None = None
+                   ) -> torch.Tensor:
+        """Images (paths, PIL, numpy, tensors; any size and mode) -> pixel tensor [B, 3, S, S] (fp32)."""
+        pil = [load_image(im, background) for im in images]
+        cfg = self.config
+        return preprocess(pil, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.resample)
+
+    def forward(self, pixel_values: torch.Tensor) -> TokenizerOutput:
+        """Pixels -> ids, causal embeddings and the quantizer's output (with its loss, for training)."""
+        states = self.vision(pixel_values.to(self.device)).states
+        causal = self.qformer(states)
+        quantized = self.quantizer(causal)
+        return TokenizerOutput(ids=quantized.ids, causal_embeddings=causal, quantized=quantized)
+
+    def encode(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 8,
+               background: tuple[int, int, int] | None = None, progress: bool = False) -> torch.Tensor:
+        """Images -> ids ``LongTensor[B, num_tokens]``. Accepts one image or a list; any size and colour mode.
+
+        ``background`` composites transparent images onto that RGB colour (off by default: the reference
+        drops alpha)."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        ids = []
+        chunks = range(0, len(images), batch_size)
+        if progress:
+            from tqdm import tqdm
+            chunks = tqdm(chunks, desc="tokenize", unit="batch")
+        for start in chunks:
+            pixels = self.preprocess(images[start:start + batch_size], background)
+            ids.append(self.encode_pixels(pixels))
+        if not ids:
+            return torch.empty(0, self.num_tokens, dtype=torch.long)
+        return torch.cat(ids)
+
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels [B, 3, S, S] -> ids [B, num_tokens]."""
+        with self._inference():
+            return self(pixel_values).ids.cpu()
+
+    def causal_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels -> the Q-Former's causal embeddings [B, num_tokens, hidden] (before VQ)."""
+        with self._inference():
+            return self.qformer(self.vision(pixel_values.to(self.device)).states)
+
+    # ----------------------------------------------------------------------------------------- decode
+    def check_ids(self, ids) -> torch.Tensor:
+        """Validate ids: integers in [0, codebook_size), shape [B, num_tokens] (or [num_tokens])."""
+        ids = torch.as_tensor(ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise IdsError(f"ids must be integers, got dtype {ids.dtype}")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] != self.num_tokens:
+            raise IdsError(f"expected {self.num_tokens} ids per image, got shape {tuple(ids.shape)}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.codebook_size):
+            raise IdsError(f"ids must lie in [0, {self.codebook_size}), got min {int(ids.min())}, "
+                           f"max {int(ids.max())}")
+        return ids.long().to(self.device)
+
+    def codes(self, ids) -> torch.Tensor:
+        """Ids [B, N] -> codebook vectors [B, N, code_dim] (in the model's dtype)."""
+        return self.quantizer.codes_for(self.check_ids(ids)).to(self.dtype)
+
+    def decode_embeddings(self, ids) -> torch.Tensor:
+        """Ids [B, N] -> generation embeddings: [B, 1024] unCLIP image embeddings (seed2) or
+        [B, 77, 768] SD-1 text states (seed1)."""
+        with self._inference():
+            return self.detokenizer.generation_embeddings(self.codes(ids))
+
+    def reconstruct_causal(self, ids) -> torch.Tensor:
+        """Ids -> reconstructed causal embeddings [B, N, hidden] (the stage-2 reconstruction branch)."""
+        with self._inference():
+            return self.detokenizer.reconstruct(self.codes(ids))
+
+    @staticmethod
+    def _inference():
+        return torch.inference_mode()
+
+    # --------------------------------------------------------------------------------------- save/load
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors``; each file is written to a temp name then renamed."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "SeedTokenizer":
+        """A saved folder, or a preset name. ``micro`` presets build random weights from a fixed seed;
+        ``seed1``/``seed2`` need the official weights (`from_official`, `seedtok convert official`)."""
+        path = Path(name_or_path)
+        if (path / CONFIG_NAME).is_file():
+            config = TokenizerConfig.from_json_file(path / CONFIG_NAME)
+            model = cls(config)
+            model.load_state_dict_checked(_load_safetensors(path / WEIGHTS_NAME))
+        elif str(name_or_path) in PRESETS:
+            name = str(name_or_path)
+            if name in ("seed1", "seed2"):
+                raise CheckpointError(
+                    f"preset {name!r} has no bundled weights: convert the official ones with "
+                    f"`seedtok convert official PATH... --out DIR` and pass DIR")
+            model = cls(preset(name))
+        elif path.exists():
+            raise CheckpointError(f"{path} is not a seedtok checkpoint folder (no {CONFIG_NAME})")
+        else:
+            raise CheckpointError(f"no checkpoint folder or preset named {str(name_or_path)!r} "
+                                  f"(presets: {', '.join(PRESETS)})")
+        model.set_dtype(dtype or torch.float32)
+        return model.to(device).eval()
+
+    @classmethod
+    def from_official(cls, *paths: str | os.PathLike, version: str | None = None, strict: bool = True,
+                      dtype: str | torch.dtype | None = None, config: TokenizerConfig | None = None
+                      ) -> "SeedTokenizer":
+        """Official SEED checkpoints -> SeedTokenizer (``model.load_report`` says what was loaded).
+
+        SEED-2: ``seed_quantizer.pt`` + LAVIS ``eva_vit_g.pth``; SEED-1: ``eva_vit_g.pth``,
+        ``causal_qformer.pth``, ``seed_tokenizer.pth`` (later files override earlier ones). ``version`` is
+        inferred from the keys when not given; ``config`` overrides the preset (e.g. reduced widths)."""
+        from ..official import load_official
+
+        model = load_official(cls, paths, version=version, strict=strict, config=config)
+        model.set_dtype(dtype or torch.float32)
+        return model.eval()
+
+    def load_state_dict_checked(self, state: dict[str, torch.Tensor]) -> None:
+        """Load our own state dict; any missing/unexpected key or shape mismatch is a CheckpointError."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint does not match the config ({self.config.name}): {len(missing)} missing keys "
+                f"{_preview(missing)}, {len(unexpected)} unexpected keys {_preview(unexpected)}")
+        for key, value in state.items():
+            if value.shape != own[key].shape:
+                raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, "
+                                      f"model {tuple(own[key].shape)}")
+        self.load_state_dict(state)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part, counted as the reference does (the fixed-zero k slice of EVA's qkv bias is
+        not a parameter there)."""
+        from ..official import official_parameter_counts
+
+        return official_parameter_counts(self)
+
+
+def _preview(keys: list[str], n: int = 3) -> str:
+    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path} as safetensors (truncated or not safetensors?): {exc}") from None
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
