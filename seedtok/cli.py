@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="SEED-2: seed_quantizer.pt [eva_vit_g.pth]; SEED-1: causal_qformer.pth seed_tokenizer.pth")
     q.add_argument("--out", required=True, type=Path)
     q.add_argument("--version", choices=["seed1", "seed2"], default=None, help="default: inferred from the keys")
+    q.add_argument("--config", default=None, metavar="PRESET_OR_JSON",
+                   help="model config (default: the version's paper preset)")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="storage dtype")
     q.add_argument("--allow-missing", action="store_true", help="save even when keys are missing")
     q.set_defaults(func=_convert_official)
@@ -118,8 +120,13 @@ def _info(args) -> int:
 def _convert_official(args) -> int:
     from .models.tokenizer import SeedTokenizer
 
+    config = None
+    if args.config:
+        from .config import PRESETS, TokenizerConfig, preset
+
+        config = preset(args.config) if args.config in PRESETS else TokenizerConfig.from_json_file(args.config)
     model = SeedTokenizer.from_official(*args.paths, version=args.version, strict=not args.allow_missing,
-                                        dtype=args.dtype)
+                                        dtype=args.dtype, config=config)
     print(model.load_report.summary(), file=sys.stderr)
     model.save_pretrained(args.out)
     print(f"saved {args.out}")

@@ -205,7 +205,7 @@ def load_official(cls, paths: Sequence[str | os.PathLike], version: str | None =
     version = version or infer_version(list(state))
     if version not in ("seed1", "seed2"):
         raise CheckpointError(f"unknown official version {version!r}; use seed1 or seed2")
-    model = cls(config or preset(version))
+    model = cls.empty(config or preset(version))  # weights not in the files stay zero (and are reported)
     report = LoadReport(version=version, files=[str(p) for p in paths])
     mapping = official_key_map(model)
     own = model.state_dict()

@@ -41,6 +41,8 @@ def load_image(image: ImageInput, background: tuple[int, int, int] | None = None
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    if image.mode == "La":  # premultiplied alpha has no direct path to RGB/RGBA in Pillow
+        image = image.convert("LA")
     if background is not None and _has_alpha(image):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
@@ -50,8 +52,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] | None = None) -
     try:
         return image.convert("RGB")
     except ValueError:
-        # A few rare modes (e.g. premultiplied "La") have no direct path to RGB; go through RGBA.
-        try:
+        try:  # a few rare modes have no direct path to RGB; go through RGBA
             return image.convert("RGBA").convert("RGB")
         except ValueError as exc:
             raise ImageError(f"cannot convert image mode {image.mode!r} to RGB: {exc}") from None
@@ -117,5 +118,5 @@ def _from_array(array: np.ndarray) -> Image.Image:
 
 
 def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+    return image.mode in ("RGBA", "LA", "PA", "RGBa") or (
         image.mode == "P" and "transparency" in image.info)

@@ -190,8 +190,9 @@ class SeedTokenizer(nn.Module):
         path = Path(name_or_path)
         if (path / CONFIG_NAME).is_file():
             config = TokenizerConfig.from_json_file(path / CONFIG_NAME)
-            model = cls(config)
-            model.load_state_dict_checked(_load_safetensors(path / WEIGHTS_NAME))
+            state = _load_safetensors(path / WEIGHTS_NAME)
+            model = cls.empty(config)
+            model.load_state_dict_checked(state)
         elif str(name_or_path) in PRESETS:
             name = str(name_or_path)
             if name in ("seed1", "seed2"):
@@ -221,6 +222,18 @@ class SeedTokenizer(nn.Module):
         model = load_official(cls, paths, version=version, strict=strict, config=config)
         model.set_dtype(dtype or torch.float32)
         return model.eval()
+
+    @classmethod
+    def empty(cls, config: TokenizerConfig) -> "SeedTokenizer":
+        """A model with zero weights, built without running the random initialisation (fast for the 1.15B
+        paper presets); for loaders that fill every weight."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                tensor.zero_()
+        return model
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor]) -> None:
         """Load our own state dict; any missing/unexpected key or shape mismatch is a CheckpointError."""

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from seedtok.config import QuantizerConfig
+from seedtok.models.quantizer import VectorQuantizer, vq_loss
+
+
+def _quantizer(codebook):
+    q = VectorQuantizer(QuantizerConfig(codebook_size=len(codebook), code_dim=2, beta=0.25), input_width=4)
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor(codebook))
+    return q
+
+
+def test_lookup_is_nearest_by_squared_l2_without_normalisation():
+    # Cosine would pick code 2 for [4, 4] (same direction as [1, 1]); squared L2 picks [3, 3.5].
+    q = _quantizer([[0.0, 0.0], [1.0, 1.0], [3.0, 3.5], [-1.0, 2.0]])
+    z = torch.tensor([[[4.0, 4.0], [0.9, 1.2], [-0.2, 0.1], [-0.8, 1.7]]])
+    assert q.lookup(z).tolist() == [[2, 1, 0, 3]]
+
+
+def test_lookup_agrees_with_brute_force_on_random_data():
+    torch.manual_seed(0)
+    q = VectorQuantizer(QuantizerConfig(codebook_size=512, code_dim=8), input_width=16)
+    with torch.no_grad():
+        q.embedding.weight.normal_()
+    z = torch.randn(3, 32, 8)
+    brute = ((z[..., None, :].double() - q.embedding.weight.double()) ** 2).sum(-1).argmin(-1)
+    assert torch.equal(q.lookup(z), brute)
+
+
+def test_codebook_init_is_uniform_over_plus_minus_one_over_k():
+    q = VectorQuantizer(QuantizerConfig(codebook_size=8192, code_dim=32), input_width=8)
+    w = q.embedding.weight
+    assert w.abs().max() <= 1 / 8192 and w.std() > 0.5 / 8192 / 3 ** 0.5
+
+
+def test_loss_is_taming_legacy_with_beta_on_the_codebook_term():
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 1.0]], requires_grad=True)
+    z = torch.tensor([[0.9, 1.2], [-0.2, 0.1]], requires_grad=True)
+    z_q = codebook[torch.tensor([1, 0])]
+    loss = vq_loss(z, z_q, beta=0.25)
+    # diffs (z_q - z): [0.1, -0.2], [0.2, -0.1] -> mean square 0.025; (1 + 0.25) * 0.025
+    assert loss.item() == pytest.approx(0.03125, abs=1e-7)
+    loss.backward()
+    # commitment term mean((sg(z_q) - z)^2) carries weight 1 to z; beta = 0.25 lands on the codebook
+    torch.testing.assert_close(z.grad, 2 * (z - z_q).detach() / 4)
+    expected = torch.zeros(2, 2)
+    expected[1] = 0.25 * 2 * (z_q[0] - z[0]).detach() / 4
+    expected[0] = 0.25 * 2 * (z_q[1] - z[1]).detach() / 4
+    torch.testing.assert_close(codebook.grad, expected)
+
+
+def test_forward_straight_through_and_values():
+    torch.manual_seed(0)
+    q = VectorQuantizer(QuantizerConfig(codebook_size=16, code_dim=4), input_width=8)
+    h = torch.randn(2, 32, 8, requires_grad=True)
+    out = q(h)
+    assert out.ids.shape == (2, 32) and out.ids.dtype == torch.long
+    torch.testing.assert_close(out.codes, q.embedding(out.ids))  # forward value = codebook vectors
+    # gradient flows straight through: d(sum codes)/d(latents) = 1
+    grad, = torch.autograd.grad(out.codes.sum(), out.latents, retain_graph=True)
+    assert torch.equal(grad, torch.ones_like(grad))
+    expected = torch.mean((out.codes.detach() - out.latents) ** 2) * 1.25
+    torch.testing.assert_close(out.loss, expected)
