@@ -36,11 +36,10 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     ln_vision_eps: float = 1e-5  # ``ln_vision`` is a plain nn.LayerNorm in the reference
     init_std: float = 0.02
-
-    @property
-    def num_states(self) -> int:
-        """Tokens the Q-Former cross-attends to: patches + CLS."""
-        return (self.image_size // self.patch_size) ** 2 + 1
+    # A registry-shipped pretrained backbone (tiny preset): its weights are loaded from the package (or from
+    # ``weights``, a local path) at build time and are not stored in our checkpoints.
+    pretrained: bool = False
+    weights: str | None = None
 
 
 @dataclass
@@ -66,6 +65,10 @@ class QFormerConfig:
     max_text_length: int = 32
     contrastive_dim: int = 256
     initial_temperature: float = 0.07
+    # Text side (stage 1): the BERT tokenizer folder, or a registry asset name (seedtok.assets)
+    text_tokenizer: str | None = None
+    # Training start: initialise from this BERT checkpoint (folder or asset name), as BLIP-2 does
+    init_from: str | None = None
 
 
 @dataclass
@@ -174,6 +177,24 @@ def _seed1() -> TokenizerConfig:
     )
 
 
+def _tiny() -> TokenizerConfig:
+    """The embedded default: trains and runs on a 2-core CPU, offline, on registry-shipped parts.
+    Image encoder: ImageNet EfficientNet-Lite0 at 128 px (4x4x1280 head features + pooled token), frozen.
+    Q-Former: MiniLM-L6 (BERT, 384 wide, 6 layers) initialised the BLIP-2 way; 32 causal queries."""
+    return TokenizerConfig(
+        name="tiny",
+        vision=VisionConfig(kind="efficientnet_lite0", image_size=128, hidden_size=1280, num_layers=0,
+                            num_heads=0, intermediate_size=0, pretrained=True),
+        qformer=QFormerConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
+                              encoder_width=1280, text_branch=True, vocab_size=30522, max_text_length=32,
+                              text_tokenizer="minilm-l6", init_from="minilm-l6"),
+        quantizer=QuantizerConfig(codebook_size=1024, code_dim=32),
+        detokenizer=DetokenizerConfig(kind="seed2", num_blocks=2, num_heads=6, image_down_dims=(128, 64, 32),
+                                      generation_dim=1280),
+        image_mean=(0.5, 0.5, 0.5), image_std=(128 / 255, 128 / 255, 128 / 255),  # EfficientNet-Lite's
+    )
+
+
 def _micro(kind: str = "seed2") -> TokenizerConfig:
     hidden = 32
     return TokenizerConfig(
@@ -192,6 +213,7 @@ def _micro(kind: str = "seed2") -> TokenizerConfig:
 
 
 PRESETS = {
+    "tiny": _tiny,
     "seed2": _seed2,
     "seed1": _seed1,
     "micro": lambda: _micro("seed2"),

