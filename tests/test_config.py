@@ -68,6 +68,6 @@ def test_micro_is_deterministic_and_small():
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
     assert a.num_tokens == 32 and a.config.qformer.causal
-    assert sum(p.numel() for p in a.parameters()) < 500_000
+    assert sum(p.numel() for p in a.parameters()) < 2_000_000
     c = SeedTokenizer(dataclasses.replace(preset("micro"), seed=1))
     assert not torch.equal(a.qformer.query_tokens, c.qformer.query_tokens)

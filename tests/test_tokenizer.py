@@ -114,7 +114,7 @@ def test_decode_embeddings_shapes_and_batching(micro):
     torch.testing.assert_close(micro.decode_embeddings(ids[2:3]), emb[2:3])
     assert micro.reconstruct_causal(ids).shape == (5, 32, micro.config.qformer.hidden_size)
     seed1 = SeedTokenizer.from_pretrained("micro-seed1")
-    assert seed1.decode_embeddings(ids).shape == (5, 7, 24)
+    assert seed1.decode_embeddings(ids).shape == (5, 7, 48)
 
 
 def test_reverse_qformer_is_not_causal():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob as _glob
 import io
 import json
+import operator
 import os
 import re
 import tarfile
@@ -66,10 +67,11 @@ def safe_relative_path(path: str, where: str) -> str:
 class CaptionFolder:
     """A folder of images with ``captions.jsonl``; ``ds[i]`` loads image ``i`` lazily.
 
-    Every line is validated when the folder is opened: a line that is not a JSON object, or lacks a string
-    ``"image"`` / ``"caption"``, or whose image path is absolute or contains ``..``, raises `DataError`
-    naming the file and the line number. Blank lines are ignored. Unreadable images raise
-    `seedtok.errors.ImageError` when indexed.
+    ``meta`` holds the line's keys other than ``"image"`` and ``"caption"`` (`image_path` gives the file), so
+    a folder can be re-written with `write_dataset` as it is. Every line is validated when the folder is
+    opened: a line that is not a JSON object, or lacks a string ``"image"`` / ``"caption"``, or whose image
+    path is absolute or contains ``..``, raises `DataError` naming the file and the line number. Blank
+    lines are ignored. Unreadable images raise `seedtok.errors.ImageError` when indexed.
     """
 
     def __init__(self, root: str | os.PathLike, captions: str = "captions.jsonl"):
@@ -106,21 +108,24 @@ class CaptionFolder:
         return len(self._entries)
 
     def __getitem__(self, index: int) -> Sample:
-        if not isinstance(index, int):
-            raise TypeError(f"CaptionFolder indices must be integers, got {type(index).__name__}")
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(f"CaptionFolder indices must be integers, got {type(index).__name__}") from None
         n = len(self._entries)
         if index < 0:
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} samples")
         rel, caption, meta = self._entries[index]
-        return Sample(load_image(self.root / rel), caption, {"image": rel, **meta})
+        return Sample(load_image(self.root / rel), caption, dict(meta))
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):
             yield self[i]
 
     def image_path(self, index: int) -> Path:
+        """The file of sample ``index`` (its ``"image"`` entry resolved against the root)."""
         return self.root / self._entries[index][0]
 
     def __repr__(self) -> str:
@@ -389,3 +394,46 @@ class KarpathyCaptions:
     def __repr__(self) -> str:
         return (f"KarpathyCaptions({str(self.json_path)!r}, split={'/'.join(self.split)!r}, "
                 f"{len(self)} images, {sum(map(len, self._captions))} captions)")
+
+
+class Slice:
+    """The first ``n`` items of an indexable source, as a sized sequence (lazy)."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.source[index]
+
+
+def open_source(spec: str | os.PathLike) -> Sequence[Sample]:
+    """A data spec -> a sized, indexable sequence of Samples.
+
+    ``emoji:SPLIT:N[:SEED]`` (the emoji world), a folder with ``captions.jsonl``, or tar shards (a path, glob
+    or brace pattern ending in ``.tar``; read once into memory)."""
+    text = str(spec)
+    if text.startswith("emoji:"):
+        from .emoji import EmojiWorld
+
+        parts = text.split(":")
+        if len(parts) not in (3, 4) or not parts[2].isdigit() or (len(parts) == 4 and not parts[3].isdigit()):
+            raise DataError(f"bad emoji data spec {text!r}; expected emoji:SPLIT:N[:SEED]")
+        return Slice(EmojiWorld(parts[1], int(parts[3]) if len(parts) == 4 else 0), int(parts[2]))
+    if text.endswith(".tar") or "*" in text or "{" in text:
+        samples = list(WebDatasetShards(text))
+        if not samples:
+            raise DataError(f"no readable samples in {text}")
+        return samples
+    path = Path(text)
+    if path.is_dir():
+        folder = CaptionFolder(path)
+        if len(folder) == 0:
+            raise DataError(f"{path} holds no samples")
+        return folder
+    raise DataError(f"no dataset at {text!r} (expected emoji:SPLIT:N[:SEED], a folder with captions.jsonl, "
+                    f"or .tar shards)")

@@ -93,6 +93,17 @@ class SeedTokenizer(nn.Module):
             param.data = param.data.to(torch.float32 if name.startswith(_FP32_PARAMS) else dtype)
         return self
 
+    def text_tokenizer(self):
+        """The Q-Former's BERT text tokenizer (stage 1, retrieval): a folder or a registry asset name."""
+        from transformers import BertTokenizerFast
+
+        from ..assets import ASSETS, resolve
+
+        name = self.config.qformer.text_tokenizer
+        if not name:
+            raise ConfigError(f"{self.config.name} has no text tokenizer (qformer.text_tokenizer)")
+        return BertTokenizerFast.from_pretrained(str(resolve(name) if name in ASSETS else Path(name)))
+
     # ----------------------------------------------------------------------------------------- encode
     def preprocess(self, images: Iterable[ImageInput], background: tuple[int, int, int] | None = None
                    ) -> torch.Tensor:

@@ -46,11 +46,14 @@ class VisionEncoder(nn.Module):
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        """``ln_vision``, computed in fp32 whatever the model's dtype, as in the reference. Split from
+        `features` so training can cache the frozen backbone's output and still train ln_vision (stage 1)."""
+        return F.layer_norm(features.float(), (features.shape[-1],), self.ln_vision.weight.float(),
+                            self.ln_vision.bias.float(), self.ln_vision.eps).to(features.dtype)
+
     def forward(self, pixel_values: torch.Tensor) -> VisionOutput:
-        x = self.features(pixel_values)
-        # ln_vision is computed in fp32 whatever the model's dtype, as in the reference.
-        states = F.layer_norm(x.float(), (x.shape[-1],), self.ln_vision.weight.float(),
-                              self.ln_vision.bias.float(), self.ln_vision.eps).to(x.dtype)
+        states = self.normalize(self.features(pixel_values))
         return VisionOutput(states=states, pooled=states[:, 0])
 
 

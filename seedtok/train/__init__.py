@@ -1,0 +1,84 @@
+"""Training: one shared loop (``loop``) and one module per stage (``tokenizer``: stages 1-2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from ..config import PRESETS, TokenizerConfig, preset
+from ..errors import ConfigError
+from .loop import TrainConfig, Trainer, TrainResult, latest_checkpoint
+from .recipes import recipe
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "load_run_config", "train_tokenizer"]
+
+
+def load_run_config(spec: str, stage: int, quick: bool = False) -> tuple[TokenizerConfig, TrainConfig]:
+    """A preset name (its recipe for the stage) or a JSON/YAML file with ``model`` (a preset name or a config
+    dict) and ``train`` (TrainConfig fields, optionally per stage: ``{"1": {...}, "2": {...}}``)."""
+    if spec in PRESETS:
+        return preset(spec), recipe(spec, stage, quick)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is one clear message
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise ConfigError(f"{path} needs a 'model' entry (preset name or config)")
+    model = data["model"]
+    model_cfg = preset(model) if isinstance(model, str) else TokenizerConfig.from_dict(model)
+    train = data.get("train", {})
+    if str(stage) in train:
+        train = train[str(stage)]
+    base = recipe(model, stage, quick) if isinstance(model, str) else TrainConfig()
+    overrides = TrainConfig.from_dict(train)  # validates the keys
+    return model_cfg, dataclasses.replace(base, **{k: getattr(overrides, k) for k in train})
+
+
+def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quick: bool = False,
+                    resume: bool = False, init: str | Path | None = None, steps: int | None = None,
+                    causal: bool = True, progress: bool = True) -> TrainResult:
+    """Train tokenizer stage 1 (causal Q-Former, contrastive) or 2 (codebook + de-tokenizer); the trained model
+    is saved to ``OUT/final``. ``causal=False`` trains the bidirectional (BLIP-2) baseline."""
+    from ..assets import ASSETS, resolve
+    from ..data.sources import open_source
+    from ..models.tokenizer import SeedTokenizer
+    from .data import TokenizerData
+    from .tokenizer import Stage1, Stage2
+
+    model_cfg, train_cfg = load_run_config(config, stage, quick)
+    if steps:
+        train_cfg.steps = steps
+    suffix = "" if causal else "-bidirectional"
+    name = f"{model_cfg.name}{suffix}{'-quick' if quick else ''}"
+    out = Path(out) if out else Path("runs") / f"{name}-stage{stage}"
+    if not resume and latest_checkpoint(out) is not None:
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    if stage == 1:
+        if not causal:
+            model_cfg.qformer.causal = False
+        model = SeedTokenizer(model_cfg)
+        source = model_cfg.qformer.init_from
+        if source:
+            model.qformer.init_from_bert(resolve(source) if source in ASSETS else Path(source))
+    else:
+        init = Path(init) if init else out.parent / f"{name}-stage1" / "final"
+        model = SeedTokenizer.from_pretrained(init).train()
+    data = TokenizerData(model, open_source(train_cfg.data), stage, train_cfg.data, cache_dir=out.parent / "cache",
+                         cache_features=train_cfg.cache_features, augment=train_cfg.augment, seed=train_cfg.seed,
+                         progress=progress)
+    trainer = Trainer(train_cfg, model, Stage1() if stage == 1 else Stage2(), data, out, progress=progress)
+    if resume:
+        trainer.resume()
+    result = trainer.fit()
+    model.eval().save_pretrained(out / "final")
+    return result

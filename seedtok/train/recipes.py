@@ -1,0 +1,59 @@
+"""Training recipes: the hyper-parameters of each stage for each preset.
+
+Paper presets follow SPEC §3. The tiny preset's numbers were chosen to fit the 2-core CPU budget (full
+training of both stages in at most 90 minutes; ``quick`` in at most 10), see the README for measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import ConfigError
+from .loop import TrainConfig
+
+_PAPER = {
+    # stage 1: lr 3e-5 cosine to 3e-6, 2000 warm-up steps from 3e-7, 10 epochs of CC3M+Unsplash+COCO (5M pairs)
+    # at 64 per GPU x 64 GPUs; augmentation RandomResizedCrop(0.5-1) + flip. `steps` is for the full 5M set.
+    1: TrainConfig(steps=12_200, batch_size=64, lr=3e-5, min_lr=3e-6, warmup_steps=2000, warmup_start_lr=3e-7,
+                   weight_decay=0.05, betas=(0.9, 0.999), grad_clip=None, augment=True, data="shards/{00000..00499}.tar",
+                   checkpoint_every=1000, log_every=50),
+    # stage 2: lr 1e-4 cosine to 1e-5, 2000 warm-up steps, weight decay 0.05, batch 256 per GPU
+    2: TrainConfig(steps=20_000, batch_size=256, lr=1e-4, min_lr=1e-5, warmup_steps=2000, weight_decay=0.05,
+                   grad_clip=None, data="shards/{00000..00499}.tar", checkpoint_every=1000, log_every=50),
+}
+
+_TINY = {
+    1: TrainConfig(steps=1500, batch_size=128, lr=1e-4, min_lr=1e-5, warmup_steps=100, weight_decay=0.05,
+                   grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=100,
+                   log_every=10),
+    2: TrainConfig(steps=3000, batch_size=256, lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.05,
+                   grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=500,
+                   log_every=20),
+}
+_TINY_QUICK = {
+    1: dict(steps=200, data="emoji:train:4000"),
+    2: dict(steps=400, data="emoji:train:4000"),
+}
+
+_MICRO = {
+    1: TrainConfig(steps=8, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, data="emoji:train:64",
+                   checkpoint_every=4, log_every=1),
+    2: TrainConfig(steps=8, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, data="emoji:train:64",
+                   checkpoint_every=4, log_every=1),
+}
+
+
+def recipe(preset_name: str, stage: int, quick: bool = False) -> TrainConfig:
+    if stage not in (1, 2):
+        raise ConfigError(f"tokenizer stage must be 1 or 2, got {stage}")
+    if preset_name in ("seed1", "seed2"):
+        cfg = _PAPER[stage]
+    elif preset_name == "tiny":
+        cfg = _TINY[stage]
+        if quick:
+            cfg = dataclasses.replace(cfg, **_TINY_QUICK[stage])
+    elif preset_name.startswith("micro"):
+        cfg = _MICRO[stage]
+    else:
+        raise ConfigError(f"no training recipe for preset {preset_name!r}; give a config file with a 'train' section")
+    return dataclasses.replace(cfg)

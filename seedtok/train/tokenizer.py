@@ -1,0 +1,114 @@
+"""Tokenizer training, stages 1 and 2 (SPEC §3), as Tasks on the shared loop.
+
+Stage 1 (causal Q-Former): image-text contrastive only. Image feature = ``vision_proj`` of the last query,
+text feature = ``text_proj`` of the text CLS, both L2-normalised; learnable temperature (init 0.07, clamped to
+[0.001, 0.5] as BLIP-2 does); negatives gathered across processes (gradient flows to the local part);
+cross-entropy with label smoothing 0.1 in both directions. Trains the Q-Former, its queries and text branch,
+and ``ln_vision``.
+
+Stage 2 (codebook and de-tokenizer): Q-Former, queries and ViT frozen. Loss = 5 * VQ + 2 * (1 - cos)
+between reconstructed and true causal embeddings (per token, averaged) + 0.5 * MSE between the generation
+embedding and the teacher's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.tokenizer import SeedTokenizer
+
+LABEL_SMOOTHING = 0.1
+VQ_WEIGHT, RECON_WEIGHT, GEN_WEIGHT = 5.0, 2.0, 0.5
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 across processes; gradients flow back to each process's own part."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,
+                     rank: int = 0) -> torch.Tensor:
+    """Symmetric InfoNCE with label smoothing over the global batch; local rows are the queries."""
+    all_images, all_texts = gather_with_grad(image_feats), gather_with_grad(text_feats)
+    labels = torch.arange(image_feats.shape[0], device=image_feats.device) + rank * image_feats.shape[0]
+    i2t = image_feats @ all_texts.t() / temp
+    t2i = text_feats @ all_images.t() / temp
+    return (F.cross_entropy(i2t.float(), labels, label_smoothing=LABEL_SMOOTHING)
+            + F.cross_entropy(t2i.float(), labels, label_smoothing=LABEL_SMOOTHING)) / 2
+
+
+def _unwrap(model: nn.Module) -> SeedTokenizer:
+    return model.module if hasattr(model, "module") else model
+
+
+def image_states(model: SeedTokenizer, batch: dict) -> torch.Tensor:
+    """ln_vision(frozen backbone features): from the cache when the batch has it, else from pixels."""
+    features = batch.get("features")
+    if features is None:
+        with torch.no_grad():
+            features = model.vision.features(batch["pixels"])
+    return model.vision.normalize(features.to(model.dtype))
+
+
+class Stage1:
+    """Contrastive training of the causal Q-Former."""
+
+    def train_mode(self, model):
+        _unwrap(model).train()
+
+    def trainable_parameters(self, model):
+        model = _unwrap(model)
+        return ([(f"qformer.{n}", p) for n, p in model.qformer.named_parameters()]
+                + [(f"vision.ln_vision.{n}", p) for n, p in model.vision.ln_vision.named_parameters()])
+
+    def loss(self, model, batch):
+        import torch.distributed as dist
+
+        model = _unwrap(model)
+        qformer = model.qformer
+        with torch.no_grad():
+            qformer.temp.clamp_(0.001, 0.5)
+        queries = qformer(image_states(model, batch))
+        text = qformer.encode_text(batch["input_ids"], batch["attention_mask"])
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        loss = contrastive_loss(qformer.image_features(queries), qformer.text_features(text), qformer.temp, rank)
+        return loss, {"temp": qformer.temp.item()}
+
+
+class Stage2:
+    """Codebook + de-tokenizer training against frozen causal embeddings and a generation teacher."""
+
+    def train_mode(self, model):
+        model = _unwrap(model)
+        model.train()
+        model.qformer.eval()  # frozen: its causal embeddings are targets, computed without dropout
+
+    def trainable_parameters(self, model):
+        model = _unwrap(model)
+        return ([(f"quantizer.{n}", p) for n, p in model.quantizer.named_parameters()]
+                + [(f"detokenizer.{n}", p) for n, p in model.detokenizer.named_parameters()])
+
+    def loss(self, model, batch):
+        model = _unwrap(model)
+        causal = batch.get("causal")
+        if causal is None:
+            with torch.no_grad():
+                causal = model.qformer(image_states(model, batch))
+        causal = causal.to(model.dtype)
+        quantized = model.quantizer(causal)
+        recon = model.detokenizer.reconstruct(quantized.codes)
+        recon_loss = (1 - F.cosine_similarity(recon.float(), causal.float(), dim=-1)).mean()
+        generation = model.detokenizer.generation_embeddings(quantized.codes)
+        gen_loss = F.mse_loss(generation.float(), batch["teacher"].float())
+        loss = VQ_WEIGHT * quantized.loss + RECON_WEIGHT * recon_loss + GEN_WEIGHT * gen_loss
+        used = torch.unique(quantized.ids).numel() / model.codebook_size
+        return loss, {"vq": quantized.loss.item(), "recon_cos": recon_loss.item(), "gen_mse": gen_loss.item(),
+                      "batch_code_usage": used}

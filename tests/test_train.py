@@ -1,0 +1,136 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from seedtok import SeedTokenizer, preset
+from seedtok.data.sources import open_source
+from seedtok.train import train_tokenizer
+from seedtok.train.data import TokenizerData
+from seedtok.train.loop import BatchOrder, TrainConfig, Trainer, lr_factor, parameter_groups
+from seedtok.train.tokenizer import Stage1, Stage2, contrastive_loss
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return open_source("emoji:train:32")
+
+
+def _step_lowers_loss(task, model, data):
+    batch = data.batch(list(range(8)))
+    named = task.trainable_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in named:
+        p.requires_grad_(True)
+    model.train()
+    torch.manual_seed(0)
+    for layer in model.modules():  # no dropout: compare the same function before and after
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
+    opt = torch.optim.AdamW([p for _, p in named], lr=1e-3)
+    before, _ = task.loss(model, batch)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after, _ = task.loss(model, batch)
+    assert after.item() < before.item()
+
+
+def test_stage1_step_lowers_the_loss(samples):
+    model = SeedTokenizer(preset("micro"))
+    _step_lowers_loss(Stage1(), model, TokenizerData(model, samples, 1, "x", progress=False))
+
+
+def test_stage2_step_lowers_the_loss(samples):
+    model = SeedTokenizer(preset("micro"))
+    _step_lowers_loss(Stage2(), model, TokenizerData(model, samples, 2, "x", progress=False))
+
+
+def test_stage2_freezes_the_qformer_and_stage1_trains_ln_vision():
+    model = SeedTokenizer(preset("micro"))
+    names2 = [n for n, _ in Stage2().trainable_parameters(model)]
+    assert names2 and all(n.startswith(("quantizer.", "detokenizer.")) for n in names2)
+    names1 = [n for n, _ in Stage1().trainable_parameters(model)]
+    assert "vision.ln_vision.weight" in names1 and "qformer.query_tokens" in names1
+    assert not any(n.startswith("vision.model") for n in names1)
+
+
+def test_contrastive_loss_is_symmetric_infonce_with_label_smoothing():
+    img = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    temp = torch.tensor(0.07)
+    logits = img @ txt.t() / temp
+    n, eps = 4, 0.1
+
+    def smoothed_ce(lg):
+        logp = lg.log_softmax(-1)
+        target = torch.full((n, n), eps / n) + torch.eye(n) * (1 - eps)
+        return -(target * logp).sum(-1).mean()
+
+    expected = (smoothed_ce(logits) + smoothed_ce(logits.t())) / 2
+    torch.testing.assert_close(contrastive_loss(img, txt, temp), expected)
+
+
+def test_weight_decay_skips_biases_norms_and_scalars():
+    model = SeedTokenizer(preset("micro"))
+    named = Stage1().trainable_parameters(model)
+    decay, no_decay = parameter_groups(named, 0.05)
+    by_id = {id(p): n for n, p in named}
+    skipped = {by_id[id(p)] for p in no_decay["params"]}
+    assert "qformer.temp" in skipped and "vision.ln_vision.weight" in skipped
+    assert any(n.endswith("LayerNorm.weight") for n in skipped) and any(n.endswith(".bias") for n in skipped)
+    assert "qformer.query_tokens" in {by_id[id(p)] for p in decay["params"]}
+
+
+def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr():
+    cfg = TrainConfig(steps=110, lr=1e-4, min_lr=1e-5, warmup_steps=10, warmup_start_lr=1e-6)
+    assert lr_factor(0, cfg) * cfg.lr == pytest.approx(1e-6)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) * cfg.lr == pytest.approx(1e-5 + (1e-4 - 1e-5) / 2)
+    assert lr_factor(110, cfg) * cfg.lr == pytest.approx(1e-5)
+
+
+def test_batch_order_covers_each_epoch_once_and_shards_ranks():
+    order = BatchOrder(20, 4, seed=3)
+    epoch = sum((order.indices(s) for s in range(5)), [])
+    assert sorted(epoch) == list(range(20))
+    assert order.indices(5) != order.indices(0)  # a new permutation next epoch
+    ranks = [BatchOrder(20, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    union = sum((r.indices(s) for r in ranks for s in range(5)), [])
+    assert sorted(union) == list(range(20))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_after_interruption_gives_identical_weights(tmp_path, stage):
+    init = None
+    if stage == 2:
+        train_tokenizer("micro", 1, out=tmp_path / "s1", progress=False)
+        init = tmp_path / "s1" / "final"
+    full = train_tokenizer("micro", stage, out=tmp_path / "full", init=init, progress=False)
+    # interrupted run: stop after 5 of 8 steps (checkpoint at 4), then resume
+    model_cfg = preset("micro")
+    from seedtok.train import load_run_config
+
+    _, cfg = load_run_config("micro", stage)
+    model = SeedTokenizer(model_cfg) if stage == 1 else SeedTokenizer.from_pretrained(init).train()
+    data = TokenizerData(model, open_source(cfg.data), stage, cfg.data, progress=False)
+    trainer = Trainer(cfg, model, Stage1() if stage == 1 else Stage2(), data, tmp_path / "cut", progress=False)
+    trainer.fit(stop_after=5)
+    resumed = train_tokenizer("micro", stage, out=tmp_path / "cut", init=init, resume=True, progress=False)
+    assert resumed.steps == full.steps == 8
+    a = SeedTokenizer.from_pretrained(tmp_path / "full" / "final").state_dict()
+    b = SeedTokenizer.from_pretrained(tmp_path / "cut" / "final").state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    logs = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 8
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(tmp_path):
+    from seedtok import ConfigError
+
+    train_tokenizer("micro", 1, out=tmp_path / "r", progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train_tokenizer("micro", 1, out=tmp_path / "r", progress=False)
