@@ -31,7 +31,7 @@ _TINY = {
                    log_every=20),
 }
 _TINY_QUICK = {
-    1: dict(steps=200, data="emoji:train:4000"),
+    1: dict(steps=150, data="emoji:train:4000"),
     2: dict(steps=400, data="emoji:train:4000"),
 }
 
