@@ -61,6 +61,39 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="storage dtype")
     q.add_argument("--allow-missing", action="store_true", help="save even when keys are missing")
     q.set_defaults(func=_convert_official)
+
+    p = sub.add_parser("data", help="make datasets")
+    data = p.add_subparsers(metavar="SOURCE")
+    q = data.add_parser("emoji", help="emoji-world scenes -> a folder with captions.jsonl or .tar shards")
+    q.add_argument("--split", choices=["train", "val", "test"], default="test")
+    q.add_argument("--n", type=_positive_int, default=1000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--format", choices=["folder", "wds"], default="folder")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=_data_emoji)
+
+    p = sub.add_parser("train", help="train a stage")
+    stages = p.add_subparsers(metavar="WHAT")
+    q = stages.add_parser("tokenizer", help="tokenizer stage 1 (causal Q-Former) or 2 (codebook + de-tokenizer)")
+    q.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    q.add_argument("--config", default="tiny", metavar="FILE_OR_PRESET")
+    q.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME-stageN)")
+    q.add_argument("--init", type=Path, default=None, help="stage 2: the stage-1 model folder")
+    q.add_argument("--quick", action="store_true", help="a short run (minutes) to see every part work")
+    q.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    q.add_argument("--steps", type=_positive_int, default=None)
+    q.add_argument("--no-causal", action="store_true", help="train the bidirectional (BLIP-2) baseline")
+    q.set_defaults(func=_train_tokenizer)
+
+    p = sub.add_parser("eval", help="evaluate")
+    evals = p.add_subparsers(metavar="WHAT")
+    q = evals.add_parser("tokenizer", help="retrieval (embeddings / codes / bidirectional) and codebook health")
+    q.add_argument("--model", default="tiny")
+    q.add_argument("--data", required=True, help="a folder with captions.jsonl, .tar shards or emoji:SPLIT:N")
+    q.add_argument("--baseline", default=None, help="a bidirectional model trained with --no-causal")
+    q.add_argument("--json", type=Path, default=None, help="write the results here")
+    q.set_defaults(func=_eval_tokenizer)
     return parser
 
 
@@ -130,6 +163,50 @@ def _convert_official(args) -> int:
     print(model.load_report.summary(), file=sys.stderr)
     model.save_pretrained(args.out)
     print(f"saved {args.out}")
+    return 0
+
+
+def _data_emoji(args) -> int:
+    from .data.emoji import EmojiWorld
+    from .data.writer import write_dataset
+
+    world = EmojiWorld(args.split, args.seed)
+    count = write_dataset(world.take(args.n), args.out, format=args.format, progress=True, total=args.n,
+                          overwrite=args.overwrite)
+    print(f"wrote {count} {args.split} scenes to {args.out}")
+    return 0
+
+
+def _train_tokenizer(args) -> int:
+    from .train import train_tokenizer
+
+    result = train_tokenizer(args.config, args.stage, out=args.out, quick=args.quick, resume=args.resume,
+                             init=args.init, steps=args.steps, causal=not args.no_causal)
+    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min, final loss {result.final_loss:.4f}; "
+          f"model: {result.out_dir / 'final'}")
+    return 0
+
+
+def _eval_tokenizer(args) -> int:
+    from .data.sources import open_source
+    from .evaluate import evaluate_tokenizer
+    from .models.tokenizer import SeedTokenizer
+
+    model = SeedTokenizer.from_pretrained(args.model)
+    baseline = SeedTokenizer.from_pretrained(args.baseline) if args.baseline else None
+    result = evaluate_tokenizer(model, open_source(args.data), baseline=baseline, progress=True)
+    rows = result["retrieval"]
+    print(f"{'':<15}{'I->T R@1/5/10':>22}{'T->I R@1/5/10':>22}")
+    for name, r in rows.items():
+        print(f"{name:<15}{r['i2t_r1']:>8.1f}{r['i2t_r5']:>7.1f}{r['i2t_r10']:>7.1f}"
+              f"{r['t2i_r1']:>8.1f}{r['t2i_r5']:>7.1f}{r['t2i_r10']:>7.1f}")
+    cb = result["codebook"]
+    print(f"codebook: usage {cb['usage']:.1f}%, perplexity {cb['perplexity']:.1f}, dead {cb['dead']}")
+    if args.json:
+        from .models.tokenizer import _atomic_write
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(args.json, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
     return 0
 
 

@@ -134,3 +134,29 @@ def test_a_finished_run_is_not_overwritten_without_resume(tmp_path):
     train_tokenizer("micro", 1, out=tmp_path / "r", progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         train_tokenizer("micro", 1, out=tmp_path / "r", progress=False)
+
+
+def test_cli_trains_both_stages_and_the_result_loads(tmp_path, capsys):
+    from seedtok.cli import main
+
+    assert main(["train", "tokenizer", "--stage", "1", "--config", "micro", "--out", str(tmp_path / "s1")]) == 0
+    assert main(["train", "tokenizer", "--stage", "2", "--config", "micro", "--out", str(tmp_path / "s2"),
+                 "--init", str(tmp_path / "s1" / "final")]) == 0
+    assert "trained 8 steps" in capsys.readouterr().out
+    s1 = SeedTokenizer.from_pretrained(tmp_path / "s1" / "final")
+    s2 = SeedTokenizer.from_pretrained(tmp_path / "s2" / "final")
+    assert torch.equal(s1.qformer.query_tokens, s2.qformer.query_tokens)  # frozen in stage 2
+    assert not torch.equal(s1.quantizer.embedding.weight, s2.quantizer.embedding.weight)
+    assert not torch.equal(SeedTokenizer(preset("micro")).qformer.query_tokens, s1.qformer.query_tokens)
+
+
+def test_config_file_overrides_the_recipe(tmp_path):
+    from seedtok.train import load_run_config
+    from seedtok import ConfigError
+
+    (tmp_path / "run.json").write_text(json.dumps({"model": "micro", "train": {"1": {"steps": 3, "lr": 0.01}}}))
+    model_cfg, cfg = load_run_config(str(tmp_path / "run.json"), 1)
+    assert model_cfg.name == "micro" and cfg.steps == 3 and cfg.lr == 0.01 and cfg.batch_size == 8
+    (tmp_path / "bad.json").write_text(json.dumps({"model": "micro", "train": {"stepz": 3}}))
+    with pytest.raises(ConfigError, match="stepz"):
+        load_run_config(str(tmp_path / "bad.json"), 1)
