@@ -78,6 +78,11 @@ class QuantizerConfig:
     codebook_size: int = 8192
     code_dim: int = 32
     beta: float = 0.25
+    # Named options (off in the paper presets), both active only in training mode:
+    kmeans_init: bool = False  # set the codebook by k-means on the first training batch's latents
+    dead_code_restart: bool = False  # move codes whose usage EMA falls below a threshold onto batch latents
+    usage_decay: float = 0.99
+    dead_code_threshold: float = 1e-4  # share of a batch's tokens, as an EMA
 
 
 @dataclass
@@ -193,7 +198,9 @@ def _tiny() -> TokenizerConfig:
         qformer=QFormerConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
                               encoder_width=1280, text_branch=True, vocab_size=30522, max_text_length=32,
                               text_tokenizer="minilm-l6", init_from="minilm-l6"),
-        quantizer=QuantizerConfig(codebook_size=1024, code_dim=32),
+        # 1024 codes x 32: the world has ~1.1k emoji x 11 colours x positions; k-means init and dead-code
+        # restarts keep the small codebook in use (see README: usage and perplexity of the trained model)
+        quantizer=QuantizerConfig(codebook_size=1024, code_dim=32, kmeans_init=True, dead_code_restart=True),
         detokenizer=DetokenizerConfig(kind="seed2", num_blocks=2, num_heads=6, image_down_dims=(128, 64, 32),
                                       generation_dim=1280, teacher="vision_pooled"),
         image_mean=(0.5, 0.5, 0.5), image_std=(128 / 255, 128 / 255, 128 / 255),  # EfficientNet-Lite's

@@ -63,3 +63,35 @@ def test_forward_straight_through_and_values():
     assert torch.equal(grad, torch.ones_like(grad))
     expected = torch.mean((out.codes.detach() - out.latents) ** 2) * 1.25
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_kmeans_init_places_codes_on_the_clusters():
+    torch.manual_seed(0)
+    q = VectorQuantizer(QuantizerConfig(codebook_size=4, code_dim=2, kmeans_init=True), input_width=2)
+    centres = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0], [-5.0, -5.0]])
+    latents = (centres[:, None] + 0.1 * torch.randn(4, 50, 2)).reshape(-1, 2)
+    q.kmeans_init_(latents)
+    assert bool(q.initialized)
+    found = q.embedding.weight.detach()
+    assert torch.cdist(centres, found).min(dim=1).values.max() < 0.2  # every cluster has a code on it
+    # in eval mode nothing changes; off by default in the paper presets
+    from seedtok import preset
+    assert not preset("seed2").quantizer.kmeans_init and not preset("seed2").quantizer.dead_code_restart
+
+
+def test_dead_codes_move_onto_batch_latents():
+    torch.manual_seed(0)
+    cfg = QuantizerConfig(codebook_size=8, code_dim=2, dead_code_restart=True, usage_decay=0.5,
+                          dead_code_threshold=0.05)
+    q = VectorQuantizer(cfg, input_width=2)
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([[0.0, 0.0]] + [[100.0 + i, 100.0] for i in range(7)]))
+    latents = torch.randn(64, 2) * 0.01
+    ids = q.lookup(latents)
+    assert ids.unique().tolist() == [0]
+    for _ in range(4):
+        moved = q.restart_dead_codes_(latents, ids)
+    w = q.embedding.weight.detach()
+    assert (w[1:].abs() < 1).all(), "dead codes should now sit on batch latents"
+    assert moved >= 0 and q.usage.shape == (8,)
+    assert "usage" in q.state_dict()  # carried by checkpoints and resumed runs

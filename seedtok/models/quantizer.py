@@ -4,6 +4,11 @@
 nearest codebook entry by squared L2 distance, computed in taming's form ``|z|^2 + |e|^2 - 2 z.e`` (another
 formula can flip near-ties, and ids must match the reference bit for bit), gives the id; the straight-through
 estimator passes gradients; the loss is taming's legacy form with beta on the codebook term.
+
+Two named options, off in the paper presets and active only in training mode: ``kmeans_init`` (the codebook
+starts as k-means centroids of the first batch's latents) and ``dead_code_restart`` (codes whose usage EMA
+falls below a threshold are moved onto random latents of the current batch). Their state is kept in buffers,
+so checkpoints and resumed runs carry it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ class VectorQuantizer(nn.Module):
             nn.Linear(input_width, input_width), nn.Tanh(), nn.Linear(input_width, cfg.code_dim))
         self.embedding = nn.Embedding(cfg.codebook_size, cfg.code_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+        if cfg.kmeans_init:
+            self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        if cfg.dead_code_restart:
+            self.register_buffer("usage", torch.full((cfg.codebook_size,), 1.0 / cfg.codebook_size))
 
     def lookup(self, latents: torch.Tensor) -> torch.Tensor:
         """Nearest code ids [..., ] for latents [..., code_dim], by squared L2 in taming's form, in fp32."""
@@ -43,11 +52,45 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> QuantizerOutput:
         z = self.encode_task_layer(hidden)
+        if self.training and self.config.kmeans_init and not bool(self.initialized):
+            self.kmeans_init_(z.detach().reshape(-1, z.shape[-1]))
         ids = self.lookup(z)
+        if self.training and self.config.dead_code_restart:
+            self.restart_dead_codes_(z.detach().reshape(-1, z.shape[-1]), ids.flatten())
         z_q = self.embedding(ids).to(z.dtype)
         loss = vq_loss(z, z_q, self.config.beta)
         codes = z + (z_q - z).detach()  # straight-through estimator
         return QuantizerOutput(ids=ids, codes=codes, latents=z, loss=loss)
+
+    @torch.no_grad()
+    def kmeans_init_(self, latents: torch.Tensor, iters: int = 10) -> None:
+        """Lloyd's k-means (squared L2) on ``latents`` [N, code_dim]; empty clusters get random latents."""
+        k = self.config.codebook_size
+        x = latents.float()
+        centroids = x[torch.randint(0, x.shape[0], (k,), device=x.device)].clone()
+        for _ in range(iters):
+            assign = ((x.pow(2).sum(1, keepdim=True) + centroids.pow(2).sum(1) - 2 * x @ centroids.t())
+                      .argmin(dim=1))
+            sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=k).float()
+            empty = counts == 0
+            centroids = torch.where(empty[:, None], x[torch.randint(0, x.shape[0], (k,), device=x.device)],
+                                    sums / counts.clamp(min=1)[:, None])
+        self.embedding.weight.copy_(centroids.to(self.embedding.weight.dtype))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def restart_dead_codes_(self, latents: torch.Tensor, ids: torch.Tensor) -> int:
+        """Update the usage EMA with this batch; move dead codes onto random batch latents. Returns how many."""
+        cfg = self.config
+        share = torch.bincount(ids, minlength=cfg.codebook_size).float() / ids.numel()
+        self.usage.mul_(cfg.usage_decay).add_(share, alpha=1 - cfg.usage_decay)
+        dead = (self.usage < cfg.dead_code_threshold).nonzero().flatten()
+        if dead.numel():
+            picks = torch.randint(0, latents.shape[0], (dead.numel(),), device=latents.device)
+            self.embedding.weight[dead] = latents[picks].to(self.embedding.weight.dtype)
+            self.usage[dead] = 1.0 / cfg.codebook_size
+        return int(dead.numel())
 
     def codes_for(self, ids: torch.Tensor) -> torch.Tensor:
         """Codebook vectors [B, N, code_dim] for ids [B, N]."""

@@ -44,6 +44,18 @@ def load_run_config(spec: str, stage: int, quick: bool = False) -> tuple[Tokeniz
     return model_cfg, dataclasses.replace(base, **{k: getattr(overrides, k) for k in train})
 
 
+def _stage2_model(run_config: TokenizerConfig, stage1) -> "SeedTokenizer":
+    """Stage 2 starts from stage 1's vision encoder and Q-Former; its codebook and de-tokenizer follow the
+    run's config (stage 1 does not train them, so their options belong to this stage)."""
+    from ..models.tokenizer import SeedTokenizer
+
+    config = dataclasses.replace(stage1.config, quantizer=run_config.quantizer, detokenizer=run_config.detokenizer)
+    model = SeedTokenizer(config)
+    keep = {k: v for k, v in stage1.state_dict().items() if k.startswith(("vision.", "qformer."))}
+    model.load_state_dict(keep, strict=False)
+    return model
+
+
 def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quick: bool = False,
                     resume: bool = False, init: str | Path | None = None, steps: int | None = None,
                     causal: bool = True, progress: bool = True) -> TrainResult:
@@ -72,7 +84,7 @@ def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quic
             model.qformer.init_from_bert(resolve(source) if source in ASSETS else Path(source))
     else:
         init = Path(init) if init else out.parent / f"{name}-stage1" / "final"
-        model = SeedTokenizer.from_pretrained(init).train()
+        model = _stage2_model(model_cfg, SeedTokenizer.from_pretrained(init))
     data = TokenizerData(model, open_source(train_cfg.data), stage, train_cfg.data, cache_dir=out.parent / "cache",
                          cache_features=train_cfg.cache_features, augment=train_cfg.augment, seed=train_cfg.seed,
                          progress=progress)
