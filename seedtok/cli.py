@@ -90,7 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     evals = p.add_subparsers(metavar="WHAT")
     q = evals.add_parser("tokenizer", help="retrieval (embeddings / codes / bidirectional) and codebook health")
     q.add_argument("--model", default="tiny")
-    q.add_argument("--data", required=True, help="a folder with captions.jsonl, .tar shards or emoji:SPLIT:N")
+    q.add_argument("--data", help="a folder with captions.jsonl, .tar shards or emoji:SPLIT:N")
+    q.add_argument("--karpathy", metavar="JSON", help="paper-scale retrieval: a Karpathy split file "
+                   "(Flickr30K / COCO) with --image-root; every caption of every image is a query")
+    q.add_argument("--image-root", default=".")
+    q.add_argument("--split", default="test")
     q.add_argument("--baseline", default=None, help="a bidirectional model trained with --no-causal")
     q.add_argument("--json", type=Path, default=None, help="write the results here")
     q.set_defaults(func=_eval_tokenizer)
@@ -188,13 +192,23 @@ def _train_tokenizer(args) -> int:
 
 
 def _eval_tokenizer(args) -> int:
+    from .errors import SeedtokError
     from .data.sources import open_source
     from .evaluate import evaluate_tokenizer
     from .models.tokenizer import SeedTokenizer
 
+    if bool(args.data) == bool(args.karpathy):
+        raise SeedtokError("give exactly one of --data or --karpathy")
+    if args.karpathy:
+        from .data.sources import KarpathyCaptions
+
+        data = KarpathyCaptions(args.karpathy, args.image_root, args.split)
+        captions = data.captions()
+    else:
+        data, captions = open_source(args.data), None
     model = SeedTokenizer.from_pretrained(args.model)
     baseline = SeedTokenizer.from_pretrained(args.baseline) if args.baseline else None
-    result = evaluate_tokenizer(model, open_source(args.data), baseline=baseline, progress=True)
+    result = evaluate_tokenizer(model, data, baseline=baseline, captions=captions, progress=True)
     rows = result["retrieval"]
     print(f"{'':<15}{'I->T R@1/5/10':>22}{'T->I R@1/5/10':>22}")
     for name, r in rows.items():

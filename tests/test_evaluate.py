@@ -50,3 +50,21 @@ def test_cli_data_then_eval_on_micro(tmp_path, capsys):
         assert 0 <= row["i2t_r1"] <= row["i2t_r5"] <= row["i2t_r10"] <= 100
     assert 0 < result["codebook"]["usage"] <= 100
     assert "codebook: usage" in capsys.readouterr().out
+
+
+def test_cli_eval_on_a_karpathy_format_split(tmp_path, capsys):
+    from PIL import Image
+
+    images = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"im{i}.jpg")
+        images.append({"filename": f"im{i}.jpg", "split": "test" if i else "train", "imgid": i,
+                       "sentences": [{"raw": f"picture {i} version {k}"} for k in range(5)]})
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    out = tmp_path / "r.json"
+    assert main(["eval", "tokenizer", "--model", "micro", "--karpathy", str(tmp_path / "dataset_flickr30k.json"),
+                 "--image-root", str(tmp_path), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 2 and result["num_captions"] == 10
+    assert main(["eval", "tokenizer", "--model", "micro"]) == 2
+    assert "exactly one of --data or --karpathy" in capsys.readouterr().err
