@@ -69,6 +69,9 @@ class QFormerConfig:
     text_tokenizer: str | None = None
     # Training start: initialise from this BERT checkpoint (folder or asset name), as BLIP-2 does
     init_from: str | None = None
+    # Keep the text embeddings and text FFNs of ``init_from`` frozen: reloaded from it at build time and not
+    # stored in checkpoints (the tiny preset, to keep its committed weights small)
+    frozen_text: bool = False
 
 
 @dataclass
@@ -197,11 +200,11 @@ def _tiny() -> TokenizerConfig:
                             num_heads=0, intermediate_size=0, pretrained=True),
         qformer=QFormerConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536,
                               encoder_width=1280, text_branch=True, vocab_size=30522, max_text_length=32,
-                              text_tokenizer="minilm-l6", init_from="minilm-l6"),
+                              text_tokenizer="minilm-l6", init_from="minilm-l6", frozen_text=True),
         # 1024 codes x 32: the world has ~1.1k emoji x 11 colours x positions; k-means init and dead-code
         # restarts keep the small codebook in use (see README: usage and perplexity of the trained model)
         quantizer=QuantizerConfig(codebook_size=1024, code_dim=32, kmeans_init=True, dead_code_restart=True),
-        detokenizer=DetokenizerConfig(kind="seed2", num_blocks=2, num_heads=6, image_down_dims=(128, 64, 32),
+        detokenizer=DetokenizerConfig(kind="seed2", num_blocks=1, num_heads=6, image_down_dims=(128, 64, 16),
                                       generation_dim=1280, teacher="vision_pooled"),
         image_mean=(0.5, 0.5, 0.5), image_std=(128 / 255, 128 / 255, 128 / 255),  # EfficientNet-Lite's
     )

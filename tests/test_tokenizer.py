@@ -180,3 +180,19 @@ def test_save_leaves_no_temp_files_when_interrupted(micro, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         micro.save_pretrained(tmp_path / "c")
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_tiny_stores_only_what_it_trains_and_round_trips(tmp_path, photos):
+    """tiny: the registry-shipped EfficientNet and MiniLM text weights are reloaded, not stored."""
+    from seedtok import preset
+
+    model = SeedTokenizer(preset("tiny")).eval()
+    stored = model.stored_state_dict()
+    assert not any(k.startswith("vision.model.") or "word_embeddings" in k for k in stored)
+    assert "vision.ln_vision.weight" in stored and "qformer.query_tokens" in stored
+    assert sum(v.numel() for v in stored.values()) * 2 <= 40e6  # fp16 budget of the committed weights
+    model.save_pretrained(tmp_path / "tiny")
+    loaded = SeedTokenizer.from_pretrained(tmp_path / "tiny")
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(loaded.encode(photos[:2]), model.encode(photos[:2]))

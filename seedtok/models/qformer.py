@@ -14,6 +14,7 @@ Causality is an explicit flag (``causal``), not the reference's "number of queri
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -185,8 +186,17 @@ class QFormer(nn.Module):
             x = layer(x, mask, image_states, self.config.num_queries)
         return x
 
+    def frozen_text_keys(self) -> list[str]:
+        """With ``frozen_text``: the text embeddings and text FFNs (kept as in ``init_from``)."""
+        if not (self.config.frozen_text and self.config.text_branch):
+            return []
+        text_ffn = re.compile(r"^encoder\.layer\.\d+\.(intermediate|output)\.")
+        return [k for k in self.state_dict()
+                if k.startswith(("embeddings.word_embeddings.", "embeddings.position_embeddings."))
+                or text_ffn.match(k)]
+
     @torch.no_grad()
-    def init_from_bert(self, folder: str | Path) -> list[str]:
+    def init_from_bert(self, folder: str | Path, only: list[str] | None = None) -> list[str]:
         """Initialise from a Hugging Face BERT checkpoint the way BLIP-2 does from BERT-base: self-attention,
         text FFNs and embeddings copied; query FFNs copied from the text FFNs; cross-attention stays random.
         BERT's token-type embedding 0 (added to every token) is folded into the position embeddings, since
@@ -199,6 +209,8 @@ class QFormer(nn.Module):
             bert["embeddings.position_embeddings.weight"] = (bert["embeddings.position_embeddings.weight"]
                                                              + bert["embeddings.token_type_embeddings.weight"][0])
         own = self.state_dict()
+        if only is not None:
+            own = {k: own[k] for k in only}
         filled = set()
         for key, target in own.items():
             source = key.replace("intermediate_query.", "intermediate.").replace("output_query.", "output.")

@@ -68,6 +68,17 @@ class SeedTokenizer(nn.Module):
                                                  config.qformer.hidden_size)
         self.vision.requires_grad_(False)  # frozen in every stage
         self.load_report = None
+        if not self.qformer.query_tokens.is_meta:
+            self._load_frozen_text()
+
+    def _load_frozen_text(self) -> None:
+        """Registry-shipped frozen text weights (``qformer.frozen_text``): loaded at build time, never stored."""
+        keys = self.qformer.frozen_text_keys()
+        if keys:
+            from ..assets import ASSETS, resolve
+
+            source = self.config.qformer.init_from
+            self.qformer.init_from_bert(resolve(source) if source in ASSETS else Path(source), only=keys)
 
     # ------------------------------------------------------------------------------------- properties
     @property
@@ -246,6 +257,7 @@ class SeedTokenizer(nn.Module):
                 tensor.zero_()
         if config.vision.pretrained:
             model.vision.load_pretrained()
+        model._load_frozen_text()
         return model
 
     def stored_state_dict(self) -> dict[str, torch.Tensor]:
@@ -254,6 +266,8 @@ class SeedTokenizer(nn.Module):
         state = self.state_dict()
         if self.config.vision.pretrained:
             state = {k: v for k, v in state.items() if not k.startswith("vision.model.")}
+        for key in self.qformer.frozen_text_keys():
+            state.pop(f"qformer.{key}")
         return state
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor]) -> None:
@@ -269,7 +283,7 @@ class SeedTokenizer(nn.Module):
             if value.shape != own[key].shape:
                 raise CheckpointError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, "
                                       f"model {tuple(own[key].shape)}")
-        self.load_state_dict(state, strict=not self.config.vision.pretrained)
+        self.load_state_dict(state, strict=False)  # what is not stored was checked above to be registry-shipped
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part, counted as the reference does (the fixed-zero k slice of EVA's qkv bias is

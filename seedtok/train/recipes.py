@@ -23,7 +23,7 @@ _PAPER = {
 }
 
 _TINY = {
-    1: TrainConfig(steps=1500, batch_size=128, lr=1e-4, min_lr=1e-5, warmup_steps=100, weight_decay=0.05,
+    1: TrainConfig(steps=1000, batch_size=128, lr=1e-4, min_lr=1e-5, warmup_steps=100, weight_decay=0.05,
                    grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=100,
                    log_every=10),
     2: TrainConfig(steps=3000, batch_size=256, lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.05,

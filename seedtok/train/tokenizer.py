@@ -66,7 +66,8 @@ class Stage1:
 
     def trainable_parameters(self, model):
         model = _unwrap(model)
-        return ([(f"qformer.{n}", p) for n, p in model.qformer.named_parameters()]
+        frozen = set(model.qformer.frozen_text_keys())
+        return ([(f"qformer.{n}", p) for n, p in model.qformer.named_parameters() if n not in frozen]
                 + [(f"vision.ln_vision.{n}", p) for n, p in model.vision.ln_vision.named_parameters()])
 
     def loss(self, model, batch):
