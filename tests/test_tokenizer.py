@@ -196,3 +196,21 @@ def test_tiny_stores_only_what_it_trains_and_round_trips(tmp_path, photos):
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
     assert torch.equal(loaded.encode(photos[:2]), model.encode(photos[:2]))
+
+
+def test_fp16_storage_halves_the_file_and_loads_into_fp32(micro, tmp_path):
+    micro.save_pretrained(tmp_path / "a")
+    micro.save_pretrained(tmp_path / "b", dtype="fp16")
+    a, b = (tmp_path / "a" / "model.safetensors").stat().st_size, (tmp_path / "b" / "model.safetensors").stat().st_size
+    assert b < 0.55 * a
+    loaded = SeedTokenizer.from_pretrained(tmp_path / "b")
+    assert loaded.dtype == torch.float32
+    torch.testing.assert_close(loaded.qformer.query_tokens, micro.qformer.query_tokens.half().float())
+
+
+def test_bundled_preset_without_weights_is_a_clear_error(monkeypatch, tmp_path):
+    import seedtok.models.tokenizer as mod
+
+    monkeypatch.setitem(mod.BUNDLED, "tiny", tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="not in this install"):
+        SeedTokenizer.from_pretrained("tiny")

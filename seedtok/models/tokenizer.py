@@ -32,6 +32,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 # Weights that stay fp32 whatever the model's dtype: the reference computes ln_vision in fp32, and code
 # lookup is done in fp32 (see VectorQuantizer.lookup), so the codebook is kept exact.
 _FP32_PARAMS = ("vision.ln_vision.", "quantizer.embedding.")
+# Presets whose trained weights ship inside the package
+BUNDLED = {"tiny": Path(__file__).resolve().parent.parent / "weights" / "tiny"}
 
 
 @dataclass
@@ -195,11 +197,14 @@ class SeedTokenizer(nn.Module):
         return torch.inference_mode()
 
     # --------------------------------------------------------------------------------------- save/load
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors``; each file is written to a temp name then renamed."""
+    def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors``; each file is written to a temp name then renamed.
+        ``dtype`` casts floating-point weights for storage (e.g. fp16 to halve the size)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.stored_state_dict().items()}
+        cast = resolve_dtype(dtype) if dtype else None
+        tensors = {k: (v.to(cast) if cast and v.is_floating_point() else v).detach().contiguous().cpu()
+                   for k, v in self.stored_state_dict().items()}
         _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         return folder
@@ -210,6 +215,11 @@ class SeedTokenizer(nn.Module):
         """A saved folder, or a preset name. ``micro`` presets build random weights from a fixed seed;
         ``seed1``/``seed2`` need the official weights (`from_official`, `seedtok convert official`)."""
         path = Path(name_or_path)
+        if str(name_or_path) in BUNDLED:
+            path = BUNDLED[str(name_or_path)]
+            if not (path / CONFIG_NAME).is_file():
+                raise CheckpointError(f"the {name_or_path!r} weights are not in this install ({path}); train them "
+                                      f"with `seedtok train tokenizer --stage 1` then `--stage 2`")
         if (path / CONFIG_NAME).is_file():
             config = TokenizerConfig.from_json_file(path / CONFIG_NAME)
             state = _load_safetensors(path / WEIGHTS_NAME)
