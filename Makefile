@@ -30,6 +30,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/decode.py
 
 # Until the embedded default lands: tokenize real photos that scikit-image ships.
 demo: $(STAMP)

@@ -1,0 +1,537 @@
+"""Image decoders: generation embeddings -> pixels, through diffusers (SPEC §2.7).
+
+- ``Seed2UnCLIPDecoder``: Stable Diffusion 2.1 unCLIP (``StableUnCLIPImg2ImgPipeline``) given the [B, 1024]
+  unCLIP image embeddings directly; empty prompt, ``noise_level`` 0, guidance 10, 20 steps, 768x768 (the native
+  size of the SD 2.1 unCLIP UNet). Classifier-free guidance contrasts with a negative image embedding: zeros by
+  default, or a given one (the embedding of user-given negative ids, computed by the caller).
+- ``Seed1SDDecoder``: Stable Diffusion 1.4 (``StableDiffusionPipeline``) given the [B, 77, 768] states as
+  ``prompt_embeds``; unconditional input = the text encoding of "" (or a given negative); guidance 7.5, 50 PLMS
+  steps (PNDM without Runge-Kutta steps), 512x512.
+
+Both decode batches (the reference decodes one image at a time) with one random stream per image: given a
+list of seeds or generators, image i depends only on its embedding and its own seed, never on the batch it is
+in or on how the batch is chunked (``batch_size``). Initial latents are drawn on the CPU (so a seed gives the
+same start on any device), or given (``latents``: unit-variance noise, [B or 1, C, H/f, W/f]).
+
+Negative embeddings in the unCLIP decoder follow the reference's patched pipeline: the default unconditional
+input is ``zeros_like`` the whole conditioning vector (embedding and noise-level code both zero, as the stock
+pipeline does); a given negative embedding goes through the same ``noise_image_embeddings`` as the positive
+(normalise, noise at ``noise_level``, append the noise-level code), so an explicit all-zeros embedding is *not*
+the same as the default. The pipeline subclass overrides only ``_encode_image`` (where the stock pipeline
+builds its zeros) and adds a ``negative_image_embeds`` argument to ``__call__``; see ``_unclip_pipeline_class``.
+
+diffusers is imported lazily (importing it takes seconds); the paper checkpoints are loaded from a local folder
+or a hub id (``from_pretrained``), never downloaded implicitly by anything else in seedtok.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import CheckpointError, ConfigError, SeedtokError
+
+
+class DecodeInputError(SeedtokError, ValueError):
+    """Embeddings, negative embeddings, seeds or latents given to an image decoder do not fit it."""
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype)]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16") from None
+
+
+# ------------------------------------------------------------------------------------- the unCLIP pipeline
+@functools.cache
+def _unclip_pipeline_class():
+    """``StableUnCLIPImg2ImgPipeline`` with a negative image embedding for classifier-free guidance.
+
+    Built on first use so that importing seedtok does not import diffusers. Only two things change:
+    - ``__call__`` takes ``negative_image_embeds`` ([B or 1, D], or None for the stock zeros) and holds it for
+      the duration of the call; everything else is the stock ``__call__``.
+    - ``_encode_image`` is overridden: it is where the stock pipeline hard-codes the unconditional input as
+      ``torch.zeros_like`` of the noised conditioning. With ``image_embeds`` given it also no longer reads the
+      image encoder's dtype, so the pipeline runs without the CLIP ViT-H image encoder (1.3 GB fp16) loaded.
+    """
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    class SeedStableUnCLIPImg2ImgPipeline(StableUnCLIPImg2ImgPipeline):
+        _seed_negative_image_embeds: torch.Tensor | None = None
+
+        def __call__(self, *args, negative_image_embeds: torch.Tensor | None = None, **kwargs):
+            self._seed_negative_image_embeds = negative_image_embeds
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                self._seed_negative_image_embeds = None
+
+        def _encode_image(self, image, device, batch_size, num_images_per_prompt, do_classifier_free_guidance,
+                          noise_level, generator, image_embeds):
+            if image_embeds is None:  # an image to encode: the stock path (needs the image encoder)
+                cond = super()._encode_image(image, device, batch_size, num_images_per_prompt, False,
+                                             noise_level, generator, None)
+                rows = cond.shape[0] // num_images_per_prompt
+            else:  # the stock path minus the image encoder: noise, then repeat per image
+                rows = image_embeds.shape[0]
+                cond = self.noise_image_embeddings(image_embeds=image_embeds, noise_level=noise_level,
+                                                   generator=generator)
+                cond = cond.repeat_interleave(num_images_per_prompt, dim=0)
+            if not do_classifier_free_guidance:
+                return cond
+            negative = self._seed_negative_image_embeds
+            if negative is None:
+                uncond = torch.zeros_like(cond)  # the stock (and reference) default
+            else:
+                negative = negative.to(device=cond.device, dtype=cond.dtype)
+                if negative.ndim != 2 or negative.shape[0] not in (1, rows) or \
+                        negative.shape[1] != cond.shape[1] // 2:
+                    raise DecodeInputError(f"negative_image_embeds must be [{rows} or 1, {cond.shape[1] // 2}], "
+                                           f"got {tuple(negative.shape)}")
+                negative = negative.expand(rows, -1)
+                # as the reference: the negative is normalised, noised and tagged with the noise level like
+                # the positive (after the positive's noise is drawn, so that stays the same)
+                uncond = self.noise_image_embeddings(image_embeds=negative, noise_level=noise_level,
+                                                     generator=generator)
+                uncond = uncond.repeat_interleave(num_images_per_prompt, dim=0)
+            return torch.cat([uncond, cond])
+
+    SeedStableUnCLIPImg2ImgPipeline.__qualname__ = SeedStableUnCLIPImg2ImgPipeline.__name__
+    SeedStableUnCLIPImg2ImgPipeline.__module__ = __name__
+    return SeedStableUnCLIPImg2ImgPipeline
+
+
+def seed_unclip_pipeline_class():
+    """The unCLIP pipeline class with ``negative_image_embeds`` (imports diffusers)."""
+    return _unclip_pipeline_class()
+
+
+# ------------------------------------------------------------------------------------------ common part
+class ImageDecoder:
+    """Generation embeddings -> list of PIL images, through a diffusers pipeline (``self.pipeline``).
+
+    Subclasses set ``kind``, the defaults and ``embedding_shape`` (the per-image shape, without batch), and
+    implement ``_run`` (one chunk through the pipeline) and ``_load``.
+    """
+
+    kind: str = ""
+    default_guidance_scale: float
+    default_num_inference_steps: int
+
+    def __init__(self, pipeline, *, guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                 size: int | tuple[int, int] | None = None, progress: bool = False):
+        self.pipeline = pipeline
+        self.guidance_scale = float(guidance_scale if guidance_scale is not None else self.default_guidance_scale)
+        self.num_inference_steps = int(num_inference_steps or self.default_num_inference_steps)
+        if size is None:
+            size = self.native_size
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self._empty_text: dict = {}
+        pipeline.set_progress_bar_config(disable=not progress)
+
+    # -------------------------------------------------------------------------------------- properties
+    # (diffusers' ModelMixin.device/.dtype walk every submodule looking for offload hooks: ms per call)
+    @property
+    def device(self) -> torch.device:
+        return next(self.pipeline.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.pipeline.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipeline.vae_scale_factor
+
+    @property
+    def native_size(self) -> int:
+        """The UNet's training resolution in pixels (768 for SD 2.1 unCLIP, 512 for SD 1.4)."""
+        sample = self.pipeline.unet.config.sample_size
+        sample = sample if isinstance(sample, int) else sample[0]
+        return int(sample) * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipeline.unet.config.in_channels)
+
+    @property
+    def embedding_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
+        self.pipeline.to(device=device, dtype=_resolve_dtype(dtype) if dtype is not None else None)
+        self._empty_text.clear()
+        return self
+
+    # -------------------------------------------------------------------------------------- load/save
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: str | torch.dtype | None = None,
+                        device: str | torch.device | None = None, guidance_scale: float | None = None,
+                        num_inference_steps: int | None = None, size: int | tuple[int, int] | None = None,
+                        progress: bool = False, dtype: str | torch.dtype | None = None,
+                        **pipeline_kwargs) -> "ImageDecoder":
+        """Load the pipeline from a local folder or a hub id (diffusers' ``from_pretrained``; extra keyword
+        arguments, e.g. ``variant="fp16"``, ``local_files_only=True``, go to it). ``torch_dtype`` (or its alias
+        ``dtype``, the name diffusers 0.42 and ``SeedTokenizer`` use): fp32 by default. ``size``: default output
+        size (None: the UNet's native size). ``guidance_scale``, ``num_inference_steps``: the defaults of
+        ``decode`` (None: the preset's)."""
+        if torch_dtype is not None and dtype is not None:
+            raise ConfigError("give torch_dtype or dtype, not both")
+        dtype = _resolve_dtype(torch_dtype if torch_dtype is not None else dtype)
+        try:
+            pipeline = cls._load(str(path_or_id), dtype, **pipeline_kwargs)
+        except (OSError, ValueError) as e:
+            if isinstance(e, SeedtokError):
+                raise
+            raise CheckpointError(f"cannot load the {cls.kind} image decoder from {str(path_or_id)!r}: {e}") from e
+        if device is not None:
+            pipeline.to(device)
+        return cls(pipeline, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, size=size,
+                   progress=progress)
+
+    @classmethod
+    def _load(cls, path: str, dtype: torch.dtype, **kwargs):
+        raise NotImplementedError
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write the pipeline as a diffusers folder that both ``from_pretrained`` and stock diffusers read."""
+        folder = Path(folder)
+        self.pipeline.save_pretrained(folder)
+        index = folder / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = self._stock_class_name  # not our subclass: stock diffusers can load it
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return folder
+
+    _stock_class_name = ""
+
+    # -------------------------------------------------------------------------------------------- decode
+    def decode(self, embeddings: torch.Tensor, *, seed: int | Sequence[int] | None = None,
+               generator: torch.Generator | Sequence[torch.Generator] | None = None,
+               latents: torch.Tensor | None = None, guidance_scale: float | None = None,
+               num_inference_steps: int | None = None, negative_embeddings: torch.Tensor | None = None,
+               height: int | None = None, width: int | None = None, batch_size: int | None = None,
+               output_type: str = "pil", **kwargs):
+        """Generation embeddings [B, *embedding_shape] (or one, without the batch axis) -> B images.
+
+        seed: an int (every image starts from that seed: image i depends only on embedding i, like the
+            reference's one fixed latent) or one int per image. generator: one ``torch.Generator`` per image
+            (same effect), or a single one shared by the batch (diffusers' way: then results depend on the
+            batch). Neither: torch's global RNG.
+        latents: unit-variance initial noise [B or 1, C, height/f, width/f] (scaled by the scheduler's
+            ``init_noise_sigma`` here); when given, seeds only drive the remaining noise (unCLIP's embedding
+            noise). negative_embeddings: [B or 1, *embedding_shape]; None = the preset's default
+            unconditional input. Ignored without guidance (``guidance_scale`` <= 1).
+        batch_size: the largest chunk sent through the UNet at once (None: all B). With per-image seeds the
+            result does not depend on it.
+        output_type: "pil" (a list of PIL images), "np" (float array [B, H, W, 3] in [0, 1]) or "pt" (tensor
+            [B, 3, H, W] in [0, 1]).
+        """
+        emb = self._check(embeddings, "embeddings")
+        n = emb.shape[0]
+        negative = None if negative_embeddings is None else self._check(negative_embeddings,
+                                                                          "negative_embeddings", rows=n)
+        height = int(height or self.size[0])
+        width = int(width or self.size[1])
+        f = self.vae_scale_factor
+        if height % f or width % f or height % 8 or width % 8:
+            raise DecodeInputError(f"height and width must be multiples of {max(f, 8)}, got {height}x{width}")
+        if output_type not in ("pil", "np", "pt"):
+            raise DecodeInputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if n == 0:
+            return [] if output_type == "pil" else (
+                torch.zeros(0, height, width, 3).numpy() if output_type == "np" else torch.zeros(0, 3, height, width))
+        generators = self._generators(n, seed, generator)
+        latents = self._latents(n, height, width, generators, latents)
+        guidance = float(self.guidance_scale if guidance_scale is None else guidance_scale)
+        steps = int(num_inference_steps or self.num_inference_steps)
+        chunk = int(batch_size or n)
+        out = []
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            gens = generators[start:stop] if isinstance(generators, list) else generators
+            out.append(self._run(emb[start:stop], None if negative is None else negative[start:stop],
+                                 latents[start:stop], gens, guidance, steps, height, width,
+                                 "pil" if output_type == "pil" else "pt", **kwargs))
+        if output_type == "pil":
+            return [image for part in out for image in part]
+        images = torch.cat(out).float()
+        return images.permute(0, 2, 3, 1).cpu().numpy() if output_type == "np" else images
+
+    __call__ = decode
+
+    # --------------------------------------------------------------------------------------- internals
+    def _check(self, x, name: str, rows: int | None = None) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if not x.is_floating_point():
+            raise DecodeInputError(f"{name} must be floating point, got dtype {x.dtype}")
+        shape = self.embedding_shape
+        if x.ndim == len(shape):
+            x = x[None]
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise DecodeInputError(f"{name} must be [B, {', '.join(map(str, shape))}] for the {self.kind} decoder, "
+                                   f"got {tuple(x.shape)}")
+        if rows is not None:
+            if x.shape[0] not in (1, rows):
+                raise DecodeInputError(f"{name} must have 1 or {rows} rows, got {x.shape[0]}")
+            x = x.expand(rows, *shape)
+        if not torch.isfinite(x).all():
+            raise DecodeInputError(f"{name} contain NaN or infinite values")
+        return x.to(device=self.device, dtype=self.dtype)
+
+    @staticmethod
+    def _generators(n: int, seed, generator):
+        if seed is not None and generator is not None:
+            raise DecodeInputError("give seed or generator, not both")
+        if seed is not None:
+            seeds = [int(seed)] * n if isinstance(seed, int) else [int(s) for s in seed]
+            if len(seeds) != n:
+                raise DecodeInputError(f"got {len(seeds)} seeds for {n} embeddings")
+            return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise DecodeInputError(f"got {len(generator)} generators for {n} embeddings")
+            return list(generator)
+        return generator
+
+    def _latents(self, n: int, height: int, width: int, generators, latents) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        f = self.vae_scale_factor
+        shape = (self.latent_channels, height // f, width // f)
+        if latents is None:
+            if isinstance(generators, list):  # one draw per image, each from its own generator, on the CPU
+                latents = torch.cat([randn_tensor((1, *shape), generator=g, device=torch.device("cpu"),
+                                                  dtype=self.dtype) for g in generators])
+            else:
+                latents = randn_tensor((n, *shape), generator=generators, device=torch.device("cpu"),
+                                       dtype=self.dtype)
+        else:
+            latents = torch.as_tensor(latents)
+            if latents.ndim == 3:
+                latents = latents[None]
+            if latents.ndim != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] not in (1, n):
+                raise DecodeInputError(f"latents must be [{n} or 1, {', '.join(map(str, shape))}] for "
+                                       f"{height}x{width} images, got {tuple(latents.shape)}")
+            latents = latents.expand(n, *shape)
+        return latents.to(device=self.device, dtype=self.dtype)
+
+    def _empty_prompt_embeds(self) -> torch.Tensor:
+        """The text encoding of "" [1, L, D], through the pipeline's own ``encode_prompt``; cached per
+        device and dtype."""
+        key = (str(self.device), self.dtype)
+        if key not in self._empty_text:
+            embeds, _ = self.pipeline.encode_prompt("", self.device, 1, False)
+            self._empty_text[key] = embeds.to(self.dtype)
+        return self._empty_text[key]
+
+    def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type,
+             **kwargs):
+        raise NotImplementedError
+
+
+# -------------------------------------------------------------------------------------------- SEED-2
+class Seed2UnCLIPDecoder(ImageDecoder):
+    """SEED-2: [B, 1024] unCLIP image embeddings -> images with Stable Diffusion 2.1 unCLIP."""
+
+    kind = "seed2"
+    default_guidance_scale = 10.0
+    default_num_inference_steps = 20
+    _stock_class_name = "StableUnCLIPImg2ImgPipeline"
+
+    def __init__(self, pipeline, *, noise_level: int = 0, **kwargs):
+        super().__init__(pipeline, **kwargs)
+        self.noise_level = int(noise_level)
+
+    @property
+    def embedding_shape(self) -> tuple[int, ...]:
+        return (int(self.pipeline.image_normalizer.mean.shape[-1]),)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, *, noise_level: int = 0, load_image_encoder: bool = False, **kwargs):
+        """``load_image_encoder``: also load the CLIP image encoder and its feature extractor (only needed to
+        call ``self.pipeline`` on images; decoding embeddings does not use them)."""
+        if not load_image_encoder:
+            kwargs.setdefault("image_encoder", None)
+            kwargs.setdefault("feature_extractor", None)
+        decoder = super().from_pretrained(path_or_id, **kwargs)
+        decoder.noise_level = int(noise_level)
+        return decoder
+
+    @classmethod
+    def _load(cls, path, dtype, **kwargs):
+        return _unclip_pipeline_class().from_pretrained(path, dtype=dtype, **kwargs)
+
+    def decode(self, embeddings, *, noise_level: int | None = None, **kwargs):
+        """See ``ImageDecoder.decode``; ``noise_level`` (default ``self.noise_level``, 0) is unCLIP's noise on
+        the image embedding (and on a given negative one)."""
+        return super().decode(embeddings, noise_level=self.noise_level if noise_level is None else int(noise_level),
+                              **kwargs)
+
+    __call__ = decode
+
+    def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type,
+             noise_level=0):
+        pipe = self.pipeline
+        n = embeddings.shape[0]
+        # the stock __call__ skips the init_noise_sigma scaling when latents are given; do it here (1 for DDIM)
+        pipe.scheduler.set_timesteps(steps, device=self.device)
+        latents = latents * pipe.scheduler.init_noise_sigma
+        empty = self._empty_prompt_embeds().expand(n, -1, -1)  # empty prompt, for both branches
+        return pipe(image_embeds=embeddings, negative_image_embeds=negative, prompt_embeds=empty,
+                    negative_prompt_embeds=empty, guidance_scale=guidance_scale, num_inference_steps=steps,
+                    noise_level=noise_level, generator=generators, latents=latents, height=height, width=width,
+                    output_type=output_type).images
+
+
+# -------------------------------------------------------------------------------------------- SEED-1
+class Seed1SDDecoder(ImageDecoder):
+    """SEED-1: [B, 77, 768] text-encoder states -> images with Stable Diffusion 1.4 (PLMS by default)."""
+
+    kind = "seed1"
+    default_guidance_scale = 7.5
+    default_num_inference_steps = 50
+    _stock_class_name = "StableDiffusionPipeline"
+
+    @property
+    def embedding_shape(self) -> tuple[int, ...]:
+        return (int(self.pipeline.tokenizer.model_max_length), int(self.pipeline.unet.config.cross_attention_dim))
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, *, scheduler: str | None = "pndm", safety_checker: bool = False,
+                        **kwargs):
+        """``scheduler``: "pndm" (default: PLMS, i.e. PNDM with ``skip_prk_steps``, as the reference) or None to
+        keep the folder's. ``safety_checker``: load the folder's NSFW checker (off by default)."""
+        if not safety_checker:
+            kwargs.setdefault("safety_checker", None)
+            kwargs.setdefault("feature_extractor", None)
+            kwargs.setdefault("requires_safety_checker", False)
+        decoder = super().from_pretrained(path_or_id, **kwargs)
+        if scheduler == "pndm":
+            from diffusers import PNDMScheduler
+
+            decoder.pipeline.scheduler = PNDMScheduler.from_config(decoder.pipeline.scheduler.config,
+                                                                   skip_prk_steps=True)
+        elif scheduler is not None:
+            raise ConfigError(f"unknown scheduler {scheduler!r}; choose 'pndm' or None (keep the folder's)")
+        return decoder
+
+    @classmethod
+    def _load(cls, path, dtype, **kwargs):
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(path, dtype=dtype, **kwargs)
+
+    def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type):
+        n = embeddings.shape[0]
+        if negative is None:
+            negative = self._empty_prompt_embeds().expand(n, -1, -1)  # unconditional = the encoding of ""
+        return self.pipeline(prompt_embeds=embeddings, negative_prompt_embeds=negative,
+                             guidance_scale=guidance_scale, num_inference_steps=steps, generator=generators,
+                             latents=latents, height=height, width=width, output_type=output_type).images
+
+
+# ------------------------------------------------------------------------------------------- registry
+#: kind -> decoder class. The tiny preset's own decoder registers itself here under "tiny".
+DECODERS: dict[str, type[ImageDecoder]] = {"seed2": Seed2UnCLIPDecoder, "seed1": Seed1SDDecoder}
+
+
+def build_image_decoder(kind: str, path: str | os.PathLike, **kwargs) -> ImageDecoder:
+    """The image decoder of a preset (``"seed2"``: SD 2.1 unCLIP, ``"seed1"``: SD 1.4), loaded from a local
+    folder or hub id; keyword arguments go to its ``from_pretrained``."""
+    try:
+        cls = DECODERS[kind]
+    except KeyError:
+        raise ConfigError(f"unknown image decoder {kind!r}; choose one of {sorted(DECODERS)}") from None
+    return cls.from_pretrained(path, **kwargs)
+
+
+# ------------------------------------------------------------------------------- random tiny pipelines
+def _byte_level_clip_tokenizer(max_length: int):
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols (plain and word-final) and no merges: no
+    files, no downloads. The byte -> symbol table is CLIP's (GPT-2's) byte-level alphabet."""
+    from transformers import CLIPTokenizer
+
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    symbols = [chr(b) for b in kept] + [chr(256 + i) for i in range(256 - len(kept))]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for s in symbols:
+            vocab[s + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def build_random_pipeline(kind: str, folder: str | os.PathLike | None = None, *, seed: int = 0,
+                          channels: tuple[int, int] = (16, 32), sample_size: int = 8, embed_dim: int = 16,
+                          text_dim: int = 32, max_length: int = 77, with_image_encoder: bool = False):
+    """A tiny randomly initialised pipeline of the preset's architecture, for tests and benchmarks: a 2-level
+    UNet (``channels``, one layer per block, cross-attention at the top level), a 2-level VAE (pixel size =
+    2 x ``sample_size``), a 1-layer CLIP text encoder over a byte-level tokenizer; for "seed2" also the unCLIP
+    embedding normaliser and noising scheduler (``embed_dim``-d image embeddings, the UNet's class embedding
+    projects embedding + noise-level code) and DDIM; for "seed1" DDIM too (so the PLMS swap is visible).
+    ``folder``: also save it there (the stock diffusers layout)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
+                           StableUnCLIPImg2ImgPipeline, UNet2DConditionModel)
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if kind not in ("seed1", "seed2"):
+        raise ConfigError(f"unknown image decoder {kind!r}; choose 'seed1' or 'seed2'")
+    groups = min(8, channels[0])
+    torch.manual_seed(seed)
+    tokenizer = _byte_level_clip_tokenizer(max_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=max_length, projection_dim=text_dim, bos_token_id=0,
+        eos_token_id=1, pad_token_id=1)).eval()
+    unclip = {"class_embed_type": "projection", "projection_class_embeddings_input_dim": 2 * embed_dim} \
+        if kind == "seed2" else {}
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_dim, attention_head_dim=4, norm_num_groups=groups, **unclip).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=2 * sample_size).eval()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    if kind == "seed2":
+        image_encoder = feature_extractor = None
+        if with_image_encoder:  # only the stock pipeline needs one (it reads its dtype)
+            from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+            image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                patch_size=16, projection_dim=embed_dim)).eval()
+            feature_extractor = CLIPImageProcessor(crop_size=32, size=32)
+        normalizer = StableUnCLIPImageNormalizer(embedding_dim=embed_dim)
+        with torch.no_grad():  # a non-trivial normalisation, so scale/unscale matter
+            normalizer.mean.normal_(0, 0.5)
+            normalizer.std.uniform_(0.5, 1.5)
+        pipeline = StableUnCLIPImg2ImgPipeline(
+            feature_extractor=feature_extractor, image_encoder=image_encoder, image_normalizer=normalizer,
+            image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2"), tokenizer=tokenizer,
+            text_encoder=text_encoder, unet=unet, scheduler=scheduler, vae=vae)
+    else:
+        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipeline.save_pretrained(folder)
+    return pipeline
