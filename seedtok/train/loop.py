@@ -141,7 +141,10 @@ class Trainer:
         self.trainable = [p for _, p in named]
         optimizer = torch.optim.AdamW(parameter_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # The model is not wrapped in DDP: tasks call its parts (vision, qformer, ...) directly, which DDP's
+        # forward hooks would not see. Gradients are averaged across processes explicitly instead.
+        self.model = model.to(self.accelerator.device)
+        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
         self.order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, self.accelerator.process_index,
                                 self.accelerator.num_processes)
         self.step = 0
@@ -154,7 +157,7 @@ class Trainer:
             return False
         from safetensors.torch import load_file
 
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.model
         model.load_state_dict_checked(load_file(str(folder / "model" / "model.safetensors")))
         try:
             state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
@@ -175,7 +178,7 @@ class Trainer:
         final = self.out_dir / f"ckpt-{self.step:07d}"
         tmp = self.out_dir / f".tmp-ckpt-{self.step:07d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp / "model")
+        self.model.save_pretrained(tmp / "model")
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
                     "train_config": json.dumps(asdict(self.cfg))}, tmp / STATE_NAME)
@@ -185,6 +188,17 @@ class Trainer:
         for old in sorted(self.out_dir.glob("ckpt-*"))[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _average_gradients(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        for param in self.trainable:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+            param.grad.div_(self.accelerator.num_processes)
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self, stop_after: int | None = None) -> TrainResult:
@@ -198,7 +212,7 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         start, seen, history, loss_value = time.time(), 0, [], float("nan")
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
-        self.task.train_mode(self.accelerator.unwrap_model(self.model))
+        self.task.train_mode(self.model)
         while self.step < end:
             batch = self.dataset.batch(self.order.indices(self.step), self.step)
             batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -206,6 +220,7 @@ class Trainer:
                 loss, metrics = self.task.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
+            self._average_gradients()
             if cfg.grad_clip:
                 self.accelerator.clip_grad_norm_(self.trainable, cfg.grad_clip)
             self.optimizer.step()
