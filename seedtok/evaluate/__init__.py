@@ -1,5 +1,7 @@
-"""Evaluation: retrieval and codebook health of the tokenizer (more stages add their own modules)."""
+"""Evaluation: retrieval and codebook health of the tokenizer; the emoji-world scene scorer (reconstructions,
+text-to-image)."""
 
+from .emoji_scorer import EmojiScorer
 from .tokenizer import codebook_health, evaluate_tokenizer, recall_at_k
 
-__all__ = ["codebook_health", "evaluate_tokenizer", "recall_at_k"]
+__all__ = ["EmojiScorer", "codebook_health", "evaluate_tokenizer", "recall_at_k"]
