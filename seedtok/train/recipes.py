@@ -26,13 +26,13 @@ _TINY = {
     1: TrainConfig(steps=1000, batch_size=128, lr=1e-4, min_lr=1e-5, warmup_steps=100, weight_decay=0.05,
                    grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=100,
                    log_every=10),
-    2: TrainConfig(steps=3000, batch_size=256, lr=1e-3, min_lr=1e-4, warmup_steps=100, weight_decay=0.05,
-                   grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=500,
+    2: TrainConfig(steps=800, batch_size=128, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.05,
+                   grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=200,
                    log_every=20),
 }
 _TINY_QUICK = {
     1: dict(steps=150, data="emoji:train:4000"),
-    2: dict(steps=400, data="emoji:train:4000"),
+    2: dict(steps=150, data="emoji:train:4000"),
 }
 
 _MICRO = {
