@@ -214,3 +214,13 @@ def test_bundled_preset_without_weights_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(mod.BUNDLED, "tiny", tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="not in this install"):
         SeedTokenizer.from_pretrained("tiny")
+
+
+def test_tiny_encodes_in_bf16(photos):
+    from seedtok import preset
+
+    model = SeedTokenizer(preset("tiny")).eval()
+    fp32 = model.encode(photos[:2])
+    model.set_dtype("bf16")
+    assert model.vision.model._bn0.running_mean.dtype == torch.bfloat16
+    assert (model.encode(photos[:2]) == fp32).float().mean() > 0.5

@@ -104,6 +104,9 @@ class SeedTokenizer(nn.Module):
         dtype = resolve_dtype(dtype)
         for name, param in self.named_parameters():
             param.data = param.data.to(torch.float32 if name.startswith(_FP32_PARAMS) else dtype)
+        for name, buf in self.named_buffers():  # e.g. BatchNorm statistics of the tiny encoder
+            if buf.is_floating_point() and not name.startswith("quantizer."):
+                buf.data = buf.data.to(dtype)
         return self
 
     def text_tokenizer(self):
