@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--allow-missing", action="store_true", help="save even when keys are missing")
     q.set_defaults(func=_convert_official)
 
+    p = sub.add_parser("export", help="re-save a model folder, e.g. in fp16 to bundle it")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "bf16", "fp16"], help="storage dtype")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("data", help="make datasets")
     data = p.add_subparsers(metavar="SOURCE")
     q = data.add_parser("emoji", help="emoji-world scenes -> a folder with captions.jsonl or .tar shards")
@@ -167,6 +173,15 @@ def _convert_official(args) -> int:
     print(model.load_report.summary(), file=sys.stderr)
     model.save_pretrained(args.out)
     print(f"saved {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .models.tokenizer import SeedTokenizer
+
+    SeedTokenizer.from_pretrained(args.model).save_pretrained(args.out, dtype=args.dtype)
+    size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
+    print(f"saved {args.out} ({size:.1f} MB, {args.dtype})")
     return 0
 
 

@@ -60,3 +60,11 @@ def test_tokenize_a_saved_folder_with_bf16(tmp_path, photos, capsys, micro):
     rows = [json.loads(line)["ids"] for line in capsys.readouterr().out.splitlines()]
     expected = SeedTokenizer.from_pretrained(tmp_path / "m", dtype="bf16").encode(paths)
     assert torch.equal(torch.tensor(rows), expected)
+
+
+def test_export_fp16_folder_loads(tmp_path, capsys, micro):
+    micro.save_pretrained(tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "half")]) == 0
+    assert "fp16" in capsys.readouterr().out
+    half = SeedTokenizer.from_pretrained(tmp_path / "half")
+    torch.testing.assert_close(half.qformer.query_tokens, micro.qformer.query_tokens, rtol=1e-3, atol=1e-3)
