@@ -32,10 +32,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenize.py
 	$(BIN)/python benchmarks/decode.py
 
-# Until the embedded default lands: tokenize real photos that scikit-image ships.
+# Until the demo report lands: tokenize real photos that scikit-image ships with the bundled tiny model.
 demo: $(STAMP)
 	@mkdir -p $(DEMO_OUT)
-	$(BIN)/seedtok tokenize --json --model micro \
+	$(BIN)/seedtok tokenize --json --model tiny \
 	  $$($(BIN)/python -c "import os, skimage.data as d; p = os.path.dirname(d.__file__); print(' '.join(os.path.join(p, n) for n in ('astronaut.png', 'coffee.png', 'chelsea.png', 'rocket.jpg')))") \
 	  | tee $(DEMO_OUT)/ids.jsonl
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "micro"  # until the embedded default (tiny) lands
+DEFAULT_MODEL = "tiny"  # the embedded default, bundled in seedtok/weights/tiny
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,3 +68,11 @@ def test_export_fp16_folder_loads(tmp_path, capsys, micro):
     assert "fp16" in capsys.readouterr().out
     half = SeedTokenizer.from_pretrained(tmp_path / "half")
     torch.testing.assert_close(half.qformer.query_tokens, micro.qformer.query_tokens, rtol=1e-3, atol=1e-3)
+
+
+def test_info_tiny_counts_every_part(capsys):
+    assert main(["info", "tiny", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    parts = info["parameters"]
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    assert parts["vision_encoder"] > 3_000_000 and info["codebook_size"] == 1024

@@ -299,11 +299,19 @@ class SeedTokenizer(nn.Module):
         self.load_state_dict(state, strict=False)  # what is not stored was checked above to be registry-shipped
 
     def parameter_counts(self) -> dict[str, int]:
-        """Parameters per part, counted as the reference does (the fixed-zero k slice of EVA's qkv bias is
-        not a parameter there)."""
-        from ..official import official_parameter_counts
+        """Parameters per part. EVA-based models are counted as the reference does (the fixed-zero k slice of
+        EVA's qkv bias is not a parameter there)."""
+        if self.config.vision.kind == "eva_vit":
+            from ..official import official_parameter_counts
 
-        return official_parameter_counts(self)
+            return official_parameter_counts(self)
+        counts: dict[str, int] = {}
+        for name, param in self.named_parameters():
+            part = ("ln_vision" if name.startswith("vision.ln_vision.") else
+                    "vision_encoder" if name.startswith("vision.") else name.split(".")[0])
+            counts[part] = counts.get(part, 0) + param.numel()
+        counts["total"] = sum(counts.values())
+        return counts
 
 
 def _preview(keys: list[str], n: int = 3) -> str:
@@ -324,6 +332,9 @@ def _atomic_write(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
