@@ -232,10 +232,10 @@ def _eval_tokenizer(args) -> int:
     cb = result["codebook"]
     print(f"codebook: usage {cb['usage']:.1f}%, perplexity {cb['perplexity']:.1f}, dead {cb['dead']}")
     if args.json:
-        from .models.tokenizer import _atomic_write
+        from .fileio import atomic_write_text
 
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(args.json, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 

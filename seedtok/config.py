@@ -17,6 +17,24 @@ from typing import Any
 
 from .errors import ConfigError
 
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def resolve_dtype(dtype):
+    """"fp32" / "bf16" / "fp16" (or a torch.dtype, or None = fp32) -> torch.dtype."""
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return getattr(torch, DTYPES[str(dtype)])
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16") from None
+
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

@@ -34,26 +34,12 @@ from typing import Sequence
 
 import torch
 
+from ..config import resolve_dtype
 from ..errors import CheckpointError, ConfigError, SeedtokError
 
 
 class DecodeInputError(SeedtokError, ValueError):
     """Embeddings, negative embeddings, seeds or latents given to an image decoder do not fit it."""
-
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype)]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16") from None
 
 
 # ------------------------------------------------------------------------------------- the unCLIP pipeline
@@ -173,7 +159,7 @@ class ImageDecoder:
         raise NotImplementedError
 
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
-        self.pipeline.to(device=device, dtype=_resolve_dtype(dtype) if dtype is not None else None)
+        self.pipeline.to(device=device, dtype=resolve_dtype(dtype) if dtype is not None else None)
         self._empty_text.clear()
         return self
 
@@ -191,7 +177,7 @@ class ImageDecoder:
         ``decode`` (None: the preset's)."""
         if torch_dtype is not None and dtype is not None:
             raise ConfigError("give torch_dtype or dtype, not both")
-        dtype = _resolve_dtype(torch_dtype if torch_dtype is not None else dtype)
+        dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype)
         try:
             pipeline = cls._load(str(path_or_id), dtype, **pipeline_kwargs)
         except (OSError, ValueError) as e:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,9 +16,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import PRESETS, TokenizerConfig, preset
+from ..config import PRESETS, TokenizerConfig, preset, resolve_dtype
 from ..data.transforms import ImageInput, load_image, preprocess
 from ..errors import CheckpointError, ConfigError, IdsError
+from ..fileio import atomic_write
 from .detokenizer import build_detokenizer
 from .qformer import QFormer
 from .quantizer import QuantizerOutput, VectorQuantizer
@@ -27,8 +27,6 @@ from .vision import build_vision
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 # Weights that stay fp32 whatever the model's dtype: the reference computes ln_vision in fp32, and code
 # lookup is done in fp32 (see VectorQuantizer.lookup), so the codebook is kept exact.
 _FP32_PARAMS = ("vision.ln_vision.", "quantizer.embedding.")
@@ -41,17 +39,6 @@ class TokenizerOutput:
     ids: torch.Tensor  # [B, N]
     causal_embeddings: torch.Tensor  # [B, N, hidden]: the Q-Former's outputs, before quantisation
     quantized: QuantizerOutput
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16") from None
 
 
 class SeedTokenizer(nn.Module):
@@ -208,8 +195,8 @@ class SeedTokenizer(nn.Module):
         cast = resolve_dtype(dtype) if dtype else None
         tensors = {k: (v.to(cast) if cast and v.is_floating_point() else v).detach().contiguous().cpu()
                    for k, v in self.stored_state_dict().items()}
-        _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         return folder
 
     @classmethod
@@ -325,18 +312,3 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path} as safetensors (truncated or not safetensors?): {exc}") from None
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..fileio import atomic_write_text
 
 LATEST = "latest"
 STATE_NAME = "trainer_state.pt"
@@ -184,7 +185,7 @@ class Trainer:
                     "train_config": json.dumps(asdict(self.cfg))}, tmp / STATE_NAME)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_atomic(self.out_dir / LATEST, final.name)
+        atomic_write_text(self.out_dir / LATEST, final.name)
         for old in sorted(self.out_dir.glob("ckpt-*"))[:-self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -256,10 +257,3 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     if not (folder / STATE_NAME).is_file():
         raise CheckpointError(f"{pointer} points to {folder}, which is not a complete checkpoint")
     return folder
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-

@@ -1,0 +1,29 @@
+"""Atomic file writes: write beside the target under a temporary name, then rename over it, so an
+interruption never leaves a half-written file under the real name."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """``write(tmp_path)`` produces the file; it then replaces ``target`` in one rename."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    atomic_write(target, lambda p: Path(p).write_text(text))
