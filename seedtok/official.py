@@ -226,11 +226,8 @@ def load_official(cls, paths: Sequence[str | os.PathLike], version: str | None =
             if tuple(tensor.shape) != tuple(dest.shape):
                 raise CheckpointError(f"shape mismatch for {name} (-> {target.key}): checkpoint "
                                       f"{tuple(tensor.shape)}, model {tuple(dest.shape)}")
-            dest.copy_(tensor.to(dest.dtype))
+            dest.copy_(tensor.to(dest.dtype))  # EVA's k bias slice is never written: it stays zero
             report.loaded += 1
-        for name, target in mapping.items():  # EVA's k bias is a fixed zero, not a parameter
-            if target.part == "q" and name in state:
-                own[target.key][own[target.key].shape[0] // 3: 2 * own[target.key].shape[0] // 3].zero_()
     for name, target in mapping.items():
         if name not in state:
             report.missing.setdefault(target.key.split(".")[0], []).append(name)
