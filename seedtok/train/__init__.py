@@ -92,5 +92,8 @@ def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quic
     if resume:
         trainer.resume()
     result = trainer.fit()
-    model.eval().save_pretrained(out / "final")
+    model.eval()
+    if trainer.accelerator.is_main_process:  # one writer when several processes train
+        model.save_pretrained(out / "final")
+    trainer.accelerator.wait_for_everyone()
     return result
