@@ -134,9 +134,9 @@ def _tokenize(args) -> int:
 
 def _info(args) -> int:
     from .models.tokenizer import SeedTokenizer
-    from .config import PRESETS, preset
+    from .config import preset
 
-    if args.model in PRESETS and args.model in ("seed1", "seed2"):
+    if args.model in ("seed1", "seed2"):
         import torch  # paper presets: shapes only, no weights needed
         with torch.device("meta"):
             tokenizer = SeedTokenizer(preset(args.model))

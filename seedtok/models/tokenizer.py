@@ -144,12 +144,12 @@ class SeedTokenizer(nn.Module):
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels [B, 3, S, S] -> ids [B, num_tokens]."""
-        with self._inference():
+        with torch.inference_mode():
             return self(pixel_values).ids.cpu()
 
     def causal_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels -> the Q-Former's causal embeddings [B, num_tokens, hidden] (before VQ)."""
-        with self._inference():
+        with torch.inference_mode():
             return self.qformer(self.vision(pixel_values.to(self.device)).states)
 
     # ----------------------------------------------------------------------------------------- decode
@@ -174,17 +174,13 @@ class SeedTokenizer(nn.Module):
     def decode_embeddings(self, ids) -> torch.Tensor:
         """Ids [B, N] -> generation embeddings: [B, 1024] unCLIP image embeddings (seed2) or
         [B, 77, 768] SD-1 text states (seed1)."""
-        with self._inference():
+        with torch.inference_mode():
             return self.detokenizer.generation_embeddings(self.codes(ids))
 
     def reconstruct_causal(self, ids) -> torch.Tensor:
         """Ids -> reconstructed causal embeddings [B, N, hidden] (the stage-2 reconstruction branch)."""
-        with self._inference():
+        with torch.inference_mode():
             return self.detokenizer.reconstruct(self.codes(ids))
-
-    @staticmethod
-    def _inference():
-        return torch.inference_mode()
 
     # --------------------------------------------------------------------------------------- save/load
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:

@@ -32,6 +32,15 @@ def _cache_key(model: SeedTokenizer, data_spec: str, what: str, extra: str = "")
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _weights_digest(*modules: torch.nn.Module) -> str:
+    """A digest of the modules' weights, fed tensor by tensor (no copy of the whole model in memory)."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for value in module.state_dict().values():
+            digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _load_or_compute(path: Path, compute) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file, save_file
 
@@ -88,9 +97,7 @@ class TokenizerData:
             self.features = _load_or_compute(cache_dir / f"features-{key}.safetensors",
                                               lambda: {"features": self._compute_features()})["features"]
             if stage == 2:  # the Q-Former is frozen in stage 2: its outputs are fixed per image
-                weights = hashlib.sha256(b"".join(
-                    v.float().numpy().tobytes() for v in model.qformer.state_dict().values())).hexdigest()[:16]
-                key2 = _cache_key(model, data_spec, "causal", weights + str(model.vision.ln_vision.weight.sum()))
+                key2 = _cache_key(model, data_spec, "causal", _weights_digest(model.vision.ln_vision, model.qformer))
                 self.causal = _load_or_compute(cache_dir / f"causal-{key2}.safetensors",
                                                lambda: {"causal": self._compute_causal()})["causal"]
 
