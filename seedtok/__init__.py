@@ -9,8 +9,9 @@
 from .config import PRESETS, TokenizerConfig, preset
 from .errors import CheckpointError, ConfigError, IdsError, ImageError, SeedtokError
 from .models.tokenizer import SeedTokenizer
+from .models.lm import SeedLM  # stage 3: an LLM that reads and writes image ids (peft loaded lazily)
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "CheckpointError", "ConfigError", "IdsError", "ImageError", "SeedTokenizer",
+__all__ = ["PRESETS", "CheckpointError", "ConfigError", "IdsError", "ImageError", "SeedLM", "SeedTokenizer",
            "SeedtokError", "TokenizerConfig", "preset", "__version__"]

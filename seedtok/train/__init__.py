@@ -1,4 +1,4 @@
-"""Training: one shared loop (``loop``) and one module per stage (``tokenizer``: stages 1-2)."""
+"""Training: one shared loop (``loop``) and one module per stage (``tokenizer``: stages 1-2; ``lm``: stage 3)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from ..errors import ConfigError
 from .loop import TrainConfig, Trainer, TrainResult, latest_checkpoint
 from .recipes import recipe
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "load_run_config", "train_tokenizer"]
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "load_run_config", "train_lm", "train_tokenizer"]
+
+
+def train_lm(*args, **kwargs):
+    """Stage 3: see `seedtok.train.lm.train_lm`."""
+    from .lm import train_lm as run
+
+    return run(*args, **kwargs)
 
 
 def load_run_config(spec: str, stage: int, quick: bool = False) -> tuple[TokenizerConfig, TrainConfig]:

@@ -1,0 +1,157 @@
+"""LM training (stage 3, SPEC §3) as a Task on the shared loop.
+
+Data: image ids extracted once (`seedtok.data.ids`, ``seedtok extract-ids``), never pixels. Each drawn sample
+becomes, by a draw seeded from (seed, index, step) so resumed runs replay it:
+- with probability ``instruct_fraction`` and when the sample is an emoji-world scene, an instruction sample
+  (a generated question about it, `seedtok.data.questions`): loss on the answer only;
+- otherwise a pre-training sample, image -> caption or caption -> image 50/50: loss on every non-pad token.
+
+Trains the LoRA adapter and the new token rows (`SeedLM.trainable_named_parameters`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import LM_PRESETS, LMConfig, lm_preset
+from ..data.ids import IdsDataset, load_ids
+from ..data.questions import KINDS, emoji_question
+from ..errors import ConfigError
+from .loop import TrainConfig, TrainResult, Trainer, latest_checkpoint
+
+INSTRUCT_FRACTION = 0.3
+
+# Recipes. SEED-LLaMA's optimiser (SPEC §3): AdamW (0.9, 0.95), lr 1.5e-4 cosine, weight decay 0.05. The tiny
+# preset's step count fits the 2-core CPU budget (README: measured step time).
+LM_RECIPES = {
+    "seed-llama": TrainConfig(steps=20_000, batch_size=32, lr=1.5e-4, min_lr=1.5e-5, warmup_steps=500,
+                              weight_decay=0.05, betas=(0.9, 0.95), grad_clip=1.0, data="lm-ids/train",
+                              checkpoint_every=1000, log_every=50),
+    # ~12-14 s/step on one contended CPU thread (SmolLM2-135M fp32, 16 x ~45 tokens): 600 steps ~ 1-2 h,
+    # about one pass over 10,000 extracted scenes
+    "tiny": TrainConfig(steps=600, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.0,
+                        betas=(0.9, 0.95), grad_clip=1.0, data="runs/lm-ids/emoji-train-10000",
+                        checkpoint_every=50, log_every=10),
+    "micro": TrainConfig(steps=6, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.0,
+                         betas=(0.9, 0.95), data="", checkpoint_every=3, keep_checkpoints=2, log_every=1,
+                         mixed_precision="no"),
+}
+_QUICK = {"tiny": dict(steps=40, checkpoint_every=20)}
+
+
+def lm_recipe(name: str, quick: bool = False) -> TrainConfig:
+    if name not in LM_RECIPES:
+        raise ConfigError(f"no LM training recipe {name!r}; choose one of {', '.join(LM_RECIPES)}")
+    cfg = dataclasses.replace(LM_RECIPES[name])
+    if quick:
+        cfg = dataclasses.replace(cfg, **_QUICK.get(name, {}))
+    return cfg
+
+
+class LMData:
+    """``len`` + ``batch(indices, step)`` over extracted ids, for the shared Trainer."""
+
+    def __init__(self, lm, data: IdsDataset, seed: int = 0, instruct_fraction: float = INSTRUCT_FRACTION,
+                 max_length: int | None = None):
+        if data.codebook_size and data.codebook_size != lm.config.codebook_size:
+            raise ConfigError(f"the ids were extracted with a codebook of {data.codebook_size}, the LM expects "
+                              f"{lm.config.codebook_size} (tokenizer {lm.config.tokenizer!r})")
+        if data.ids.shape[1] != lm.num_image_tokens:
+            raise ConfigError(f"the ids have {data.ids.shape[1]} tokens per image, the LM expects "
+                              f"{lm.num_image_tokens}")
+        self.lm, self.data, self.seed = lm, data, seed
+        self.instruct_fraction, self.max_length = instruct_fraction, max_length
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def sequence(self, index: int, step: int) -> tuple[list[int], list[int]]:
+        rng = np.random.default_rng([self.seed, index, step])
+        ids, caption = self.data.ids[index], self.data.captions[index]
+        meta = self.data.meta[index] if index < len(self.data.meta) else {}
+        if rng.random() < self.instruct_fraction:
+            qa = emoji_question(meta, KINDS[int(rng.integers(len(KINDS)))], rng)
+            if qa is not None:
+                return self.lm.instruction_sequence(ids, *qa)
+        return self.lm.caption_sequence(ids, caption, image_first=bool(rng.random() < 0.5))
+
+    def batch(self, indices: list[int], step: int = 0) -> dict[str, torch.Tensor]:
+        return self.lm.collate([self.sequence(i, step) for i in indices], self.max_length)
+
+
+class LMTask:
+    """Next-token loss (mean over labelled tokens) through the adapter."""
+
+    def train_mode(self, model):
+        model.train()
+
+    def trainable_parameters(self, model):
+        return model.trainable_named_parameters()
+
+    def loss(self, model, batch):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        tokens = int((batch["labels"] != -100).sum())
+        return out.loss, {"tokens": tokens}
+
+
+def load_lm_run_config(spec: str, quick: bool = False) -> tuple[LMConfig, TrainConfig]:
+    """A preset name, or a JSON/YAML file with ``model`` (preset name or LMConfig dict) and ``train``."""
+    if spec in LM_PRESETS:
+        return lm_preset(spec), lm_recipe(spec, quick)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"{spec!r} is neither an LM preset ({', '.join(LM_PRESETS)}) nor a config file")
+    try:
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is one clear message
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise ConfigError(f"{path} needs a 'model' entry (LM preset name or config)")
+    model = data["model"]
+    model_cfg = lm_preset(model) if isinstance(model, str) else LMConfig.from_dict(model)
+    train = data.get("train", {})
+    base = lm_recipe(model, quick) if isinstance(model, str) and model in LM_RECIPES else TrainConfig()
+    overrides = TrainConfig.from_dict(train)  # validates the keys
+    return model_cfg, dataclasses.replace(base, **{k: getattr(overrides, k) for k in train})
+
+
+def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None = None, out: str | Path | None = None,
+             quick: bool = False, resume: bool = False, steps: int | None = None, progress: bool = True,
+             lm=None) -> TrainResult:
+    """Train the adapter on extracted ids (``data``: an ids folder; default: the recipe's); the model is
+    saved to ``OUT/final``. ``lm``: an already built SeedLM (tests)."""
+    from ..models.lm import SeedLM
+
+    model_cfg, train_cfg = config if isinstance(config, tuple) else load_lm_run_config(config, quick)
+    if steps:
+        train_cfg.steps = steps
+    if data:
+        train_cfg.data = str(data)
+    if not train_cfg.data:
+        raise ConfigError("no training data: give --data (a folder from `seedtok extract-ids`)")
+    out = Path(out) if out else Path("runs") / f"lm-{model_cfg.name}{'-quick' if quick else ''}"
+    if not resume and latest_checkpoint(out) is not None:
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    ids = load_ids(train_cfg.data)  # fails early, before the LM is loaded
+    model = lm if lm is not None else SeedLM.build(model_cfg, seed=train_cfg.seed)
+    dataset = LMData(model, ids, seed=train_cfg.seed, max_length=model_cfg.max_length)
+    trainer = Trainer(train_cfg, model, LMTask(), dataset, out, progress=progress)
+    if resume:
+        trainer.resume()
+    result = trainer.fit()
+    model.eval()
+    if trainer.accelerator.is_main_process:
+        model.save_pretrained(out / "final")
+    trainer.accelerator.wait_for_everyone()
+    return result

@@ -1,0 +1,180 @@
+"""LM data, training on the shared loop, id shards, evaluation metrics and the CLI verbs (tiny random LLaMA)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from seedtok.cli import main
+from seedtok.data.ids import extract_ids, load_ids
+from seedtok.data.sources import DataError, open_source
+from seedtok.evaluate.lm import cider_d, parse_caption
+from seedtok.models.lm import IGNORE, SeedLM
+from seedtok.train.lm import LMData, lm_recipe, train_lm
+
+from test_lm import lm_config, make_base  # noqa: E402 - the tests folder is on sys.path (pytest rootdir)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_base("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def ids_dir(micro, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ids") / "emoji"
+    extract_ids(micro, open_source("emoji:train:10"), out, source="emoji:train:10", shard_size=4, batch_size=3,
+                progress=False)
+    return out
+
+
+def test_extract_ids_shards_round_trip(micro, ids_dir):
+    data = load_ids(ids_dir)
+    samples = open_source("emoji:train:10")
+    assert sorted(p.name for p in ids_dir.glob("ids-*.safetensors")) == [f"ids-{i:06d}.safetensors" for i in range(3)]
+    assert torch.equal(data.ids, micro.encode([s.image for s in samples]).cpu())
+    assert data.captions == [s.caption for s in samples]
+    assert data.meta[3]["emoji"] == samples[3].meta["emoji"] and data.codebook_size == micro.codebook_size
+    index = json.loads((ids_dir / "index.json").read_text())
+    assert index["count"] == 10 and index["num_tokens"] == 32
+    with pytest.raises(DataError, match="already"):
+        extract_ids(micro, samples, ids_dir, progress=False)
+
+
+def test_extract_ids_resumes_and_detects_damage(micro, ids_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ids"
+    shutil.copytree(ids_dir, copy)
+    (copy / "index.json").unlink()
+    (copy / "ids-000001.safetensors").unlink()  # interrupted: the finished shards are kept, the rest redone
+    extract_ids(micro, open_source("emoji:train:10"), copy, shard_size=4, batch_size=3, progress=False)
+    assert torch.equal(load_ids(copy).ids, load_ids(ids_dir).ids)
+    (copy / "ids-000002.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(DataError, match="cannot read"):
+        load_ids(copy)
+    with pytest.raises(DataError, match="extract-ids"):
+        load_ids(tmp_path / "nothing")
+
+
+def test_lm_data_mixes_directions_and_questions(llama, ids_dir, micro):
+    lm = SeedLM.build(lm_config(llama))
+    data = LMData(lm, load_ids(ids_dir), seed=0, instruct_fraction=0.3)
+    kinds = {"i2t": 0, "t2i": 0, "qa": 0}
+    for step in range(40):
+        ids, labels = data.sequence(step % len(data), step)
+        first = ids[len(lm.bos_ids)]
+        if all(l == IGNORE for l in labels[:5]):
+            kinds["qa"] += 1
+        elif first == lm.begin_id:
+            kinds["i2t"] += 1
+        else:
+            kinds["t2i"] += 1
+    assert all(v > 3 for v in kinds.values()), kinds
+    assert data.sequence(3, 7) == data.sequence(3, 7)  # a pure function of (seed, index, step): exact resume
+    batch = data.batch([0, 1, 2], step=0)
+    assert batch["input_ids"].shape[0] == 3 and (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+def test_train_lm_on_shared_loop_and_resume(llama, ids_dir, tmp_path):
+    cfg = lm_config(llama)
+    lm = SeedLM.build(cfg)
+    recipe = lm_recipe("micro")
+    result = train_lm((cfg, recipe), data=ids_dir, out=tmp_path / "run", lm=lm, progress=False)
+    assert result.steps == 6 and np.isfinite(result.final_loss)
+    loaded = SeedLM.from_pretrained(tmp_path / "run" / "final")
+    for (name, a), (_, b) in zip(lm.trainable_named_parameters(), loaded.trainable_named_parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(Exception, match="already holds a run"):
+        train_lm((cfg, lm_recipe("micro")), data=ids_dir, out=tmp_path / "run", lm=SeedLM.build(cfg), progress=False)
+    # resume from the step-3 checkpoint replays the same batches: same final weights
+    import shutil
+
+    run2 = tmp_path / "run2"
+    shutil.copytree(tmp_path / "run", run2)
+    shutil.rmtree(run2 / "final")
+    shutil.rmtree(run2 / "ckpt-0000006")
+    (run2 / "latest").write_text("ckpt-0000003")
+    lm_resumed = SeedLM.build(cfg)
+    result = train_lm((cfg, lm_recipe("micro")), data=ids_dir, out=run2, lm=lm_resumed, progress=False, resume=True)
+    assert result.steps == 6
+    for (name, a), (_, b) in zip(lm.trainable_named_parameters(), lm_resumed.trainable_named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_cider_d():
+    refs = [["a red apple on a blue background"], ["a gray cat on a pink background"]]
+    perfect = cider_d(["a red apple on a blue background", "a gray cat on a pink background"], refs)
+    assert perfect == pytest.approx(10.0)
+    worse = cider_d(["a red apple on a pink background", "a gray cat on a pink background"], refs)
+    assert 0 < worse < perfect
+    # clipping: repeating a matching word does not raise the score
+    assert cider_d(["red red red apple", "gray cat"], refs) <= cider_d(["red apple", "gray cat"], refs) + 1e-9
+    assert cider_d(["", ""], refs) == 0.0
+
+
+def test_parse_caption():
+    assert parse_caption("an orange on a blue background") == ("orange", "blue")
+    assert parse_caption("A red apple on an orange background.") == ("red apple", "orange")
+    assert parse_caption("something else") == (None, None)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_errors_are_one_line(llama, tmp_path, capsys):
+    lm = SeedLM.build(lm_config(llama))
+    lm.save_pretrained(tmp_path / "ckpt")
+    model = str(tmp_path / "ckpt")
+    capsys.readouterr()
+    cases = [
+        ["caption", str(tmp_path / "missing.png"), "--model", model],
+        ["ask", str(tmp_path / "missing.png"), "what?", "--model", model],
+        ["draw", "", "-o", str(tmp_path / "x.png"), "--model", model],
+        ["draw", "a cat", "--model", model],  # neither -o nor --ids
+        ["caption", "x.png", "--model", str(tmp_path / "nope")],
+        ["extract-ids", "--data", "emoji:bad", "--out", str(tmp_path / "ids")],
+        ["train", "lm", "--config", "micro-nope"],
+        ["train", "lm", "--config", "tiny", "--data", str(tmp_path / "no-ids"), "--out", str(tmp_path / "r")],
+        ["eval", "lm", "--model", str(tmp_path / "nope"), "--data", "emoji:test:2"],
+    ]
+    for argv in cases:
+        if argv[0] == "caption" and "nope" in argv[-1]:
+            (tmp_path / "x.png").write_bytes(b"")
+            argv[1] = str(tmp_path / "x.png")
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        lines = [l for l in err.strip().splitlines() if l.startswith("seedtok:")]
+        assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("seedtok: error:"), (argv, err)
+        assert err.strip().splitlines()[-1] == lines[0]
+
+
+def test_cli_caption_ask_draw_ids(llama, tmp_path, capsys):
+    import skimage.data
+    from PIL import Image
+
+    lm = SeedLM.build(lm_config(llama))
+    lm.save_pretrained(tmp_path / "ckpt")
+    image = tmp_path / "cat.png"
+    Image.fromarray(skimage.data.chelsea()).save(image)
+    model = str(tmp_path / "ckpt")
+    assert main(["caption", str(image), "--model", model, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith(f"{image}: ")
+    assert main(["ask", str(image), "what color ?", "--model", model, "--max-new-tokens", "4"]) == 0
+    assert main(["draw", "a red apple", "--ids", "-n", "2", "--model", model]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()[-2:]]
+    assert all(len(l["ids"]) == 32 for l in lines)
+    assert main(["lm", "merge", model, "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "seedlm.json").is_file()
+
+
+def test_evaluate_lm_metrics_and_language_kept(llama):
+    from seedtok.evaluate.lm import evaluate_lm
+
+    lm = SeedLM.build(lm_config(llama))
+    result = evaluate_lm(lm, open_source("emoji:test:3"), batch_size=2, t2i=False, progress=False)
+    for key in ("caption_name_acc", "caption_color_acc", "cider", "vqa_acc", "text_ppl_base", "text_ppl_tuned"):
+        assert result[key] is not None and np.isfinite(result[key]), key
+    assert result["t2i_identity_top1"] is None
+    # a fresh adapter (LoRA B = 0) leaves the base LM's text untouched
+    assert result["text_ppl_tuned"] == pytest.approx(result["text_ppl_base"], rel=1e-5)
