@@ -1,7 +1,7 @@
 """Decode-speed benchmark: batched image decoding against one image at a time (the reference's way).
 
-    .venv/bin/python benchmarks/decode.py [--sizes micro,small] [--batch 8] [--steps 20] [--threads N]
-                                          [--kinds seed2] [--json-out PATH]
+    .venv/bin/python benchmarks/decode.py [--sizes micro,small] [--batch 16] [--steps 20] [--threads N]
+                                          [--kinds seed2,tiny] [--json-out benchmarks/results/decode.json]
 
 What it measures (CPU, tiny random diffusers pipelines of the SEED-2 architecture, random embeddings, so the
 time is the pipeline's; the paper's SD 2.1 unCLIP is not needed):
@@ -16,8 +16,11 @@ Sizes: "micro" is the tests' pipeline (16x16 pixels, UNet widths 16/32); "small"
 UNet widths 32/64, 1024-d embeddings as SD 2.1 unCLIP's). Both are far from the real 865M-parameter UNet at
 768x768, where a CPU is compute-bound and batching gains little; these show what batching removes: the
 per-call overhead (Python, scheduler, text encoding, small kernels), which dominates on GPUs.
-``--kinds``: which decoders; "tiny" is reserved for the tiny preset's own decoder (register its builder in
-``BUILDERS`` when it lands); kinds without a builder are reported as skipped.
+3. The tiny preset's own decoder (``--kinds tiny``, size "preset": the bundled trained decoder in
+   seedtok/weights/tiny/decoder, or the same architecture randomly initialised when it is not there -- the
+   speed is the same): images/s at batch ``--batch`` in one call and at batch 1 (one call per image, the
+   named baseline: "x one-at-a-time"), with its own default guidance (2, so also 2 UNet rows per image).
+``--kinds``: which decoders; ``--sizes`` applies to seed2 (tiny has one size).
 """
 
 from __future__ import annotations
@@ -53,8 +56,25 @@ def build_seed2(size: dict, steps: int):
     return Seed2UnCLIPDecoder(pipeline, num_inference_steps=steps)
 
 
-#: kind -> builder(size dict, steps) -> ImageDecoder. None: not available yet (reported as skipped).
-BUILDERS = {"seed2": build_seed2, "tiny": None}
+def build_tiny(size: dict | None, steps: int):
+    """The tiny preset's decoder: the bundled weights when present, else its architecture at random init."""
+    from seedtok.models.image_decoder import TinyDecoder
+    from seedtok.models.tokenizer import BUNDLED, DECODER_DIR
+
+    folder = BUNDLED["tiny"] / DECODER_DIR
+    if (folder / "model_index.json").is_file():
+        decoder = TinyDecoder.from_pretrained(folder, num_inference_steps=steps)
+        decoder.weights = "bundled"
+    else:
+        decoder = TinyDecoder.random("tiny", num_inference_steps=steps)
+        decoder.weights = "random init (no bundled decoder)"
+    return decoder
+
+
+#: kind -> builder(size dict, steps) -> ImageDecoder. None: not available (reported as skipped).
+BUILDERS = {"seed2": build_seed2, "tiny": build_tiny}
+#: the sizes a kind runs at (None: all of --sizes)
+KIND_SIZES = {"tiny": ["preset"]}
 
 
 def reference_call(decoder, steps: int):
@@ -83,14 +103,14 @@ def timed(fn) -> tuple[float, object]:
 
 def bench(kind: str, size_name: str, args) -> dict:
     t0 = time.perf_counter()
-    decoder = BUILDERS[kind](SIZES[size_name], args.steps)
+    decoder = BUILDERS[kind](SIZES.get(size_name), args.steps)
     build_s = time.perf_counter() - t0
     n = args.batch
     emb = torch.randn(n, *decoder.embedding_shape, generator=torch.Generator().manual_seed(1))
     seeds = list(range(n))
     modes = {
         f"batched ({n} per call)": lambda: decoder.decode(emb, seed=seeds, output_type="np"),
-        "one at a time (ours)": lambda: np.concatenate(
+        "one at a time (ours)" if kind == "seed2" else "batch 1 (one call per image)": lambda: np.concatenate(
             [decoder.decode(emb[i:i + 1], seed=[seeds[i]], output_type="np") for i in range(n)]),
     }
     if kind == "seed2":
@@ -106,6 +126,7 @@ def bench(kind: str, size_name: str, args) -> dict:
     diff = float(np.abs(outputs[names[0]] - outputs[names[1]]).max())
     params = sum(p.numel() for p in decoder.pipeline.unet.parameters())
     return {"kind": kind, "size": size_name, "unet_params": params, "pixels": list(decoder.size),
+            "weights": getattr(decoder, "weights", "random init"), "guidance_scale": decoder.guidance_scale,
             "embedding_shape": list(decoder.embedding_shape), "build_s": build_s,
             "max_abs_diff_batched_vs_single": diff,
             "modes": {m: {"times_s": t, "best_s": min(t), "images_per_s": n / min(t)} for m, t in times.items()}}
@@ -125,7 +146,8 @@ def render(report: dict) -> str:
     out = [f"seedtok decode benchmark  |  torch {env['torch']}, diffusers {env['diffusers']}, {env['threads']} torch "
            f"threads, {env['cpu']}, load average {env['loadavg_before']:.2f} before / {env['loadavg_after']:.2f} "
            f"after ({env['cpus']} CPUs)",
-           f"random tiny pipelines, {report['steps']} steps, guidance 10 (CFG: 2 UNet rows per image), batch "
+           f"seed2: random tiny pipelines; tiny: the tiny preset's decoder; {report['steps']} steps, guidance 10 "
+           f"(seed2) / 2 (tiny) (CFG: 2 UNet rows per image), batch "
            f"{report['batch']}; modes timed in alternation, {report['rounds']} rounds after 1 warm-up; img/s from "
            f"the best round", ""]
     header = ["decoder", "size", "UNet params", "pixels", "mode", "img/s", "ms/img", "x ref", "x one-at-a-time"]
@@ -136,7 +158,7 @@ def render(report: dict) -> str:
             continue
         modes = res["modes"]
         ref = modes.get("one at a time (reference call)")
-        ours1 = modes["one at a time (ours)"]
+        ours1 = list(modes.values())[1]
         for m, r in modes.items():
             rows.append([res["kind"], res["size"], f"{res['unet_params'] / 1e6:.2f}M",
                          "x".join(map(str, res["pixels"])), m, f"{r['images_per_s']:.3g}",
@@ -148,20 +170,22 @@ def render(report: dict) -> str:
     for res in report["results"]:
         if "skipped" not in res:
             out.append(f"[{res['kind']}/{res['size']}] batched vs one at a time, same seeds: max |pixel diff| "
-                       f"{res['max_abs_diff_batched_vs_single']:.2e}; build {res['build_s']:.1f}s")
+                       f"{res['max_abs_diff_batched_vs_single']:.2e}; build {res['build_s']:.1f}s; weights "
+                       f"{res['weights']}")
     out.append(f"total run time {report['total_s']:.0f}s")
     return "\n".join(out)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kinds", default="seed2", help="comma-separated decoders (seed2; tiny when it lands)")
+    p.add_argument("--kinds", default="seed2,tiny", help="comma-separated decoders (seed2, tiny)")
     p.add_argument("--sizes", default="micro,small", help=f"comma-separated pipeline sizes ({', '.join(SIZES)})")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="denoising steps (SEED-2: 20)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--json-out", default=None, help="also write the results as JSON here")
+    p.add_argument("--json-out", default=os.path.join(_HERE, "results", "decode.json"),
+                   help="also write the results as JSON here ('' for none)")
     args = p.parse_args(argv)
     args.kinds = [s.strip() for s in args.kinds.split(",") if s.strip()]
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -189,7 +213,7 @@ def main(argv=None) -> dict:
            "loadavg_before": os.getloadavg()[0]}
     results = []
     for kind in args.kinds:
-        for size in args.sizes:
+        for size in KIND_SIZES.get(kind, args.sizes):
             if BUILDERS[kind] is None:
                 results.append({"kind": kind, "size": size, "skipped": "no builder yet"})
                 continue

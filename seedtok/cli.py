@@ -44,6 +44,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="composite transparent images onto this colour (default: drop alpha, as the reference)")
     p.set_defaults(func=_tokenize)
 
+    p = sub.add_parser("detokenize", help="ids -> an image (through the model's image decoder)")
+    p.add_argument("--ids", required=True, help='one image\'s ids: "3,17,..." (commas or spaces)')
+    p.add_argument("-o", "--out", required=True, type=Path, help="output PNG")
+    _model_args(p)
+    _decode_args(p)
+    p.set_defaults(func=_detokenize)
+
+    p = sub.add_parser("reconstruct", help="images -> ids -> images (encode, then decode)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (one PNG per input)")
+    p.add_argument("--grid", type=Path, default=None, help="also write a PNG with each input beside its "
+                   "reconstruction")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    _model_args(p)
+    _decode_args(p)
+    p.set_defaults(func=_reconstruct)
+
     p = sub.add_parser("info", help="config, parameter counts per part, codebook size")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL")
     p.add_argument("--json", action="store_true")
@@ -91,6 +108,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=_positive_int, default=None)
     q.add_argument("--no-causal", action="store_true", help="train the bidirectional (BLIP-2) baseline")
     q.set_defaults(func=_train_tokenizer)
+    q = stages.add_parser("decoder", help="the tiny preset's image decoder (generation embedding -> image)")
+    q.add_argument("--config", default="tiny", metavar="FILE_OR_PRESET")
+    q.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME-decoder)")
+    q.add_argument("--quick", action="store_true", help="a short run (minutes) to see every part work")
+    q.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    q.add_argument("--steps", type=_positive_int, default=None)
+    q.add_argument("--export", type=Path, default=None, metavar="DIR",
+                   help="also save the trained decoder there in fp16 (e.g. seedtok/weights/tiny/decoder)")
+    q.set_defaults(func=_train_decoder)
 
     p = sub.add_parser("eval", help="evaluate")
     evals = p.add_subparsers(metavar="WHAT")
@@ -104,6 +130,18 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--baseline", default=None, help="a bidirectional model trained with --no-causal")
     q.add_argument("--json", type=Path, default=None, help="write the results here")
     q.set_defaults(func=_eval_tokenizer)
+    q = evals.add_parser("decoder", help="reconstruction through the codes, scored on emoji-world scenes")
+    _model_args(q)
+    q.add_argument("--data", required=True, help="emoji-world scenes: a folder from `seedtok data emoji` or "
+                   "emoji:test:N")
+    q.add_argument("--limit", type=_positive_int, default=None, help="only the first N scenes")
+    q.add_argument("--batch-size", type=_positive_int, default=16)
+    q.add_argument("--json", type=Path, default=None, help="write the results here")
+    _decode_args(q)
+    q.set_defaults(func=_eval_decoder)
+    from .cli_lm import add_lm_commands  # SeedLM verbs: caption, ask, draw, chat, extract-ids, train/eval lm, lm
+
+    add_lm_commands(sub, stages, evals)
     return parser
 
 
@@ -231,6 +269,123 @@ def _eval_tokenizer(args) -> int:
               f"{r['t2i_r1']:>8.1f}{r['t2i_r5']:>7.1f}{r['t2i_r10']:>7.1f}")
     cb = result["codebook"]
     print(f"codebook: usage {cb['usage']:.1f}%, perplexity {cb['perplexity']:.1f}, dead {cb['dead']}")
+    if args.json:
+        from .fileio import atomic_write_text
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
+    return 0
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-decoder", default=None, metavar="PATH",
+                   help="image decoder folder or hub id (default: the model's decoder/ sub-folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the decoder's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the decoder's)")
+
+
+def _decode_kwargs(args) -> dict:
+    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+
+
+def _load_with_decoder(args):
+    tokenizer = _load(args)
+    tokenizer.image_decoder(args.image_decoder)  # fails early, in one line, when there is none
+    return tokenizer
+
+
+def _parse_ids(text: str) -> list[int]:
+    from .errors import IdsError
+
+    parts = [p for p in text.replace(",", " ").strip().strip("[]").split() if p]
+    if not parts:
+        raise IdsError("no ids given (expected integers separated by commas or spaces)")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        bad = next(p for p in parts if not p.lstrip("+-").isdigit())
+        raise IdsError(f"ids must be integers separated by commas or spaces, got {bad!r}") from None
+
+
+def _save_png(image, path: Path) -> None:
+    from .fileio import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: image.save(p, format="PNG"))
+
+
+def _detokenize(args) -> int:
+    ids = _parse_ids(args.ids)
+    tokenizer = _load(args)
+    tokenizer.check_ids([ids])  # bad ids fail before the decoder loads
+    tokenizer.image_decoder(args.image_decoder)
+    image = tokenizer.decode([ids], seed=args.seed, **_decode_kwargs(args))[0]
+    _save_png(image, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _reconstruct(args) -> int:
+    from .data.transforms import load_image
+
+    tokenizer = _load_with_decoder(args)
+    stems = [Path(p).stem for p in args.images]
+    unique = len(set(stems)) == len(stems)
+    pairs = []
+    for start in range(0, len(args.images), args.batch_size):
+        chunk = [load_image(p) for p in args.images[start:start + args.batch_size]]
+        ids = tokenizer.encode(chunk, batch_size=args.batch_size)
+        for i, (image, recon) in enumerate(zip(chunk, tokenizer.decode(ids, seed=args.seed,
+                                                                       **_decode_kwargs(args)))):
+            n = start + i
+            out = args.out / (f"{stems[n]}.png" if unique else f"{n:04d}-{stems[n]}.png")
+            _save_png(recon, out)
+            print(f"{args.images[n]} -> {out}", flush=True)
+            pairs.append((image, recon))
+    if args.grid:
+        _save_png(_grid(pairs), args.grid)
+        print(f"grid: {args.grid}")
+    return 0
+
+
+def _grid(pairs, gap: int = 2):
+    """One row per image: the input (resized to the reconstruction's size) beside its reconstruction."""
+    from PIL import Image
+
+    w, h = pairs[0][1].size
+    grid = Image.new("RGB", (2 * w + 3 * gap, len(pairs) * (h + gap) + gap), (255, 255, 255))
+    for row, (image, recon) in enumerate(pairs):
+        y = gap + row * (h + gap)
+        grid.paste(image.resize((w, h), Image.Resampling.BICUBIC), (gap, y))
+        grid.paste(recon.resize((w, h), Image.Resampling.BICUBIC), (2 * gap + w, y))
+    return grid
+
+
+def _train_decoder(args) -> int:
+    from .train.decoder import train_decoder
+
+    result = train_decoder(args.config, out=args.out, quick=args.quick, resume=args.resume, steps=args.steps,
+                           export=args.export)
+    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min, final loss {result.final_loss:.4f}; "
+          f"decoder: {result.out_dir / 'final'}" + (f" (fp16 copy: {args.export})" if args.export else ""))
+    return 0
+
+
+def _eval_decoder(args) -> int:
+    from .data.sources import Slice, open_source
+    from .evaluate.decoder import evaluate_decoder
+
+    data = open_source(args.data)
+    if args.limit:
+        data = Slice(data, min(args.limit, len(data)))
+    tokenizer = _load_with_decoder(args)
+    result = evaluate_decoder(tokenizer, data, batch_size=args.batch_size, seed=args.seed,
+                              **_decode_kwargs(args))
+    print(f"reconstruction ({result['num_images']} images): identity top-1 {result['identity_top1']:.1f}%, "
+          f"top-5 {result['identity_top5']:.1f}%, background {result['background_acc']:.1f}%, "
+          f"embed cosine {result['embed_cosine']:.3f}, {result['images_per_s']:.2f} images/s")
+    print(f"ceiling (originals): identity top-1 {result['ceiling_top1']:.1f}%, top-5 {result['ceiling_top5']:.1f}%")
     if args.json:
         from .fileio import atomic_write_text
 

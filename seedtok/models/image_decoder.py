@@ -7,8 +7,11 @@
 - ``Seed1SDDecoder``: Stable Diffusion 1.4 (``StableDiffusionPipeline``) given the [B, 77, 768] states as
   ``prompt_embeds``; unconditional input = the text encoding of "" (or a given negative); guidance 7.5, 50 PLMS
   steps (PNDM without Runge-Kutta steps), 512x512.
+- ``TinyDecoder``: the tiny preset's own decoder, [B, 1280] embeddings -> 64x64 images with a small
+  pixel-space UNet (``TinyDecoderConfig``, ``TinyDecoderPipeline``); zeros as the unconditional embedding,
+  guidance 2, 20 DDIM steps (defaults stored in its ``model_index.json``).
 
-Both decode batches (the reference decodes one image at a time) with one random stream per image: given a
+All decode batches (the reference decodes one image at a time) with one random stream per image: given a
 list of seeds or generators, image i depends only on its embedding and its own seed, never on the batch it is
 in or on how the batch is chunked (``batch_size``). Initial latents are drawn on the CPU (so a seed gives the
 same start on any device), or given (``latents``: unit-variance noise, [B or 1, C, H/f, W/f]).
@@ -29,6 +32,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -431,14 +436,258 @@ class Seed1SDDecoder(ImageDecoder):
                              latents=latents, height=height, width=width, output_type=output_type).images
 
 
+# ---------------------------------------------------------------------------------------------- tiny
+@dataclass
+class TinyDecoderConfig:
+    """The tiny preset's own decoder: a pixel-space diffusion UNet (diffusers ``UNet2DConditionModel``, no VAE,
+    no cross-attention) conditioned on one generation embedding [B, ``embed_dim``], which a small MLP projects
+    and adds to the timestep embedding (diffusers' ``class_embed_type="projection"``, as SD 2.1 unCLIP does
+    with its image embedding); ``scale_shift`` lets it scale the features, not only shift them. Trained with
+    ``DDPMScheduler`` on ``prediction_type`` (x0 by default); sampled with DDIM (trailing timesteps, x0 clipped
+    to the pixel range). Classifier-free guidance: the unconditional input is the all-zeros embedding, which condition
+    dropout (``cond_dropout``) teaches in training; the teacher embeddings (post-ReLU6 means) are never zero."""
+
+    embed_dim: int = 1280
+    image_size: int = 64  # pixels
+    # No VAE; instead a fixed, lossless space-to-depth: the UNet works on [3 * p * p, S / p, S / p] (pixel
+    # unshuffle), so at p = 2 a 64 px decoder costs about what a 32 px one does
+    patch_size: int = 2
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    layers_per_block: int = 1
+    attention: bool = False  # self-attention blocks at the lowest resolution
+    attention_head_dim: int = 32
+    norm_num_groups: int = 32
+    # "sample" (x0), "v_prediction" or "epsilon". x0: at the same short CPU budget (200 steps x 32) it gives flat
+    # backgrounds of the right colour and emoji-coloured shapes where v-prediction still leaves noise
+    prediction_type: str = "sample"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    cond_dropout: float = 0.1  # training: share of embeddings replaced by the null (zeros) embedding
+    guidance_scale: float = 2.0  # decode defaults, stored in the checkpoint
+    num_inference_steps: int = 20
+    seed: int = 0  # random init
+
+
+#: named decoder configs: the tiny preset's, and a micro one for tests (the micro tokenizer's 48-d embeddings)
+TINY_DECODERS = {
+    "tiny": lambda: TinyDecoderConfig(),
+    "micro": lambda: TinyDecoderConfig(embed_dim=48, image_size=16, block_out_channels=(16, 32),
+                                       norm_num_groups=8, attention=True, attention_head_dim=8,
+                                       num_inference_steps=3),
+}
+
+
+def tiny_decoder_config(name: str) -> TinyDecoderConfig:
+    try:
+        return TINY_DECODERS[name]()
+    except KeyError:
+        raise ConfigError(f"no tiny decoder config {name!r}; choose one of {', '.join(TINY_DECODERS)}") from None
+
+
+@functools.cache
+def _tiny_pipeline_class():
+    """``TinyDecoderPipeline``: a UNet and a scheduler, embeddings in, images out. Built on first use (diffusers
+    is imported lazily). Its non-module settings (guidance, steps) are registered in ``model_index.json``."""
+    import inspect
+
+    from diffusers import DiffusionPipeline, ImagePipelineOutput
+    from diffusers.utils.torch_utils import randn_tensor
+
+    class TinyDecoderPipeline(DiffusionPipeline):
+        model_cpu_offload_seq = "unet"
+
+        def __init__(self, unet, scheduler, guidance_scale: float = 2.0, num_inference_steps: int = 20,
+                     cond_dropout: float = 0.1, patch_size: int = 1):
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+            self.register_to_config(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                    cond_dropout=cond_dropout, patch_size=patch_size)
+            self.vae_scale_factor = patch_size  # pixels per latent cell (space-to-depth, no VAE)
+
+        def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+            """Pixels [B, 3, H, W] in [-1, 1] -> the UNet's space [B, 3 p^2, H / p, W / p] (lossless)."""
+            p = self.config.patch_size
+            return torch.nn.functional.pixel_unshuffle(pixels, p) if p > 1 else pixels
+
+        def to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+            p = self.config.patch_size
+            return torch.nn.functional.pixel_shuffle(latents, p) if p > 1 else latents
+
+        def predict(self, sample, timestep, embeddings):
+            """The UNet's output for noisy pixels and embeddings (no guidance)."""
+            return self.unet(sample, timestep, encoder_hidden_states=None, class_labels=embeddings).sample
+
+        @torch.no_grad()
+        def __call__(self, image_embeds: torch.Tensor, negative_image_embeds: torch.Tensor | None = None,
+                     guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                     generator=None, latents: torch.Tensor | None = None, height: int | None = None,
+                     width: int | None = None, output_type: str = "pil", eta: float = 0.0,
+                     return_dict: bool = True):
+            unet = self.unet
+            param = next(unet.parameters())
+            device, dtype = param.device, param.dtype
+            guidance = float(self.config.guidance_scale if guidance_scale is None else guidance_scale)
+            steps = int(num_inference_steps or self.config.num_inference_steps)
+            p = self.config.patch_size
+            size = unet.config.sample_size * p
+            height, width = int(height or size), int(width or size)
+            emb = image_embeds.to(device, dtype)
+            n = emb.shape[0]
+            if latents is None:
+                latents = randn_tensor((n, unet.config.in_channels, height // p, width // p), generator=generator,
+                                       device=device, dtype=dtype)
+                latents = latents * self.scheduler.init_noise_sigma
+            latents = latents.to(device, dtype)
+            cfg = guidance > 1.0
+            if cfg:
+                negative = torch.zeros_like(emb) if negative_image_embeds is None else \
+                    negative_image_embeds.to(device, dtype).expand_as(emb)
+                cond = torch.cat([negative, emb])
+            else:
+                cond = emb
+            self.scheduler.set_timesteps(steps, device=device)
+            extra = {}
+            params = inspect.signature(self.scheduler.step).parameters
+            if "eta" in params:
+                extra["eta"] = eta
+            if "generator" in params:
+                extra["generator"] = generator
+            for t in self.progress_bar(self.scheduler.timesteps):
+                model_input = torch.cat([latents, latents]) if cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                out = self.predict(model_input, t, cond)
+                if cfg:
+                    uncond, conditional = out.chunk(2)
+                    out = uncond + guidance * (conditional - uncond)
+                latents = self.scheduler.step(out, t, latents, **extra).prev_sample
+            images = (self.to_pixels(latents.float()) / 2 + 0.5).clamp(0, 1)
+            if output_type == "pil":
+                images = self.numpy_to_pil(images.permute(0, 2, 3, 1).cpu().numpy())
+            elif output_type == "np":
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if not return_dict:
+                return (images,)
+            return ImagePipelineOutput(images=images)
+
+    TinyDecoderPipeline.__qualname__ = TinyDecoderPipeline.__name__
+    TinyDecoderPipeline.__module__ = __name__
+    return TinyDecoderPipeline
+
+
+def tiny_pipeline_class():
+    """The tiny decoder's pipeline class (imports diffusers)."""
+    return _tiny_pipeline_class()
+
+
+def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
+    """A randomly initialised tiny decoder pipeline (``config`` or a ``TINY_DECODERS`` name); same init for the
+    same config."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    cfg = tiny_decoder_config(config) if isinstance(config, str) else config
+    if cfg.image_size % cfg.patch_size:
+        raise ConfigError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    channels = 3 * cfg.patch_size ** 2
+    levels = len(cfg.block_out_channels)
+    down, up = ["DownBlock2D"] * levels, ["UpBlock2D"] * levels
+    if cfg.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        unet = UNet2DConditionModel(
+            sample_size=cfg.image_size // cfg.patch_size, in_channels=channels, out_channels=channels,
+            block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+            down_block_types=tuple(down), up_block_types=tuple(up), mid_block_type="UNetMidBlock2D",
+            class_embed_type="projection", projection_class_embeddings_input_dim=cfg.embed_dim,
+            resnet_time_scale_shift="scale_shift", norm_num_groups=cfg.norm_num_groups,
+            attention_head_dim=cfg.attention_head_dim)
+    # trailing timesteps: the first sampling step starts from (almost) pure noise, as training's last t
+    scheduler = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                              prediction_type=cfg.prediction_type, clip_sample=True, clip_sample_range=1.0,
+                              timestep_spacing="trailing", set_alpha_to_one=True)
+    pipeline = _tiny_pipeline_class()(unet=unet.eval(), scheduler=scheduler, guidance_scale=cfg.guidance_scale,
+                                      num_inference_steps=cfg.num_inference_steps, cond_dropout=cfg.cond_dropout,
+                                      patch_size=cfg.patch_size)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+class TinyDecoder(ImageDecoder):
+    """The tiny preset: [B, 1280] generation embeddings -> 64x64 images, with its own small pixel-space
+    diffusion UNet (``TinyDecoderConfig``). Same ``decode`` contract as the paper decoders."""
+
+    kind = "tiny"
+    default_guidance_scale = 2.0
+    default_num_inference_steps = 20
+    _stock_class_name = "TinyDecoderPipeline"
+
+    def __init__(self, pipeline, *, guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                 **kwargs):
+        # the checkpoint's own defaults (model_index.json) unless the caller overrides them
+        super().__init__(pipeline, guidance_scale=pipeline.config.guidance_scale if guidance_scale is None
+                         else guidance_scale,
+                         num_inference_steps=num_inference_steps or pipeline.config.num_inference_steps, **kwargs)
+
+    @classmethod
+    def random(cls, config: TinyDecoderConfig | str = "tiny", **kwargs) -> "TinyDecoder":
+        """A randomly initialised decoder (training starts here; tests)."""
+        return cls(build_tiny_pipeline(config), **kwargs)
+
+    @property
+    def embedding_shape(self) -> tuple[int, ...]:
+        return (int(self.pipeline.unet.config.projection_class_embeddings_input_dim),)
+
+    @classmethod
+    def _load(cls, path, dtype, **kwargs):
+        if not (Path(path) / "model_index.json").is_file():
+            raise CheckpointError(f"no tiny image decoder in {path} (no model_index.json)")
+        return _tiny_pipeline_class().from_pretrained(path, dtype=dtype, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+        """Write the diffusers folder (``model_index.json``, ``unet/``, ``scheduler/``; safetensors). ``dtype``
+        casts the stored weights (e.g. fp16 to bundle them) without changing this decoder's."""
+        folder = Path(folder)
+        unet = self.pipeline.unet
+        cast = resolve_dtype(dtype) if dtype is not None else None
+        if cast is not None and cast != self.dtype:
+            import copy
+
+            unet = copy.deepcopy(unet)
+            for tensor in [*unet.parameters(), *unet.buffers()]:  # (ModelMixin.to warns about fp16 casts)
+                if tensor.is_floating_point():
+                    tensor.data = tensor.data.to(cast)
+        pipeline = _tiny_pipeline_class()(unet=unet, scheduler=self.pipeline.scheduler,
+                                          **{k: self.pipeline.config[k] for k in
+                                             ("guidance_scale", "num_inference_steps", "cond_dropout",
+                                              "patch_size")})
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():  # replace the whole folder in one rename (no mix of old and new files)
+            old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, folder)
+        return folder
+
+    def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type):
+        latents = latents * self.pipeline.scheduler.init_noise_sigma  # 1 for DDIM; unit-variance noise given
+        return self.pipeline(image_embeds=embeddings, negative_image_embeds=negative, guidance_scale=guidance_scale,
+                             num_inference_steps=steps, generator=generators, latents=latents, height=height,
+                             width=width, output_type=output_type).images
+
+
 # ------------------------------------------------------------------------------------------- registry
-#: kind -> decoder class. The tiny preset's own decoder registers itself here under "tiny".
-DECODERS: dict[str, type[ImageDecoder]] = {"seed2": Seed2UnCLIPDecoder, "seed1": Seed1SDDecoder}
+#: kind -> decoder class
+DECODERS: dict[str, type[ImageDecoder]] = {"seed2": Seed2UnCLIPDecoder, "seed1": Seed1SDDecoder, "tiny": TinyDecoder}
 
 
 def build_image_decoder(kind: str, path: str | os.PathLike, **kwargs) -> ImageDecoder:
-    """The image decoder of a preset (``"seed2"``: SD 2.1 unCLIP, ``"seed1"``: SD 1.4), loaded from a local
-    folder or hub id; keyword arguments go to its ``from_pretrained``."""
+    """The image decoder of a preset (``"seed2"``: SD 2.1 unCLIP, ``"seed1"``: SD 1.4, ``"tiny"``: the tiny
+    preset's own), loaded from a local folder or hub id; keyword arguments go to its ``from_pretrained``."""
     try:
         cls = DECODERS[kind]
     except KeyError:

@@ -1,7 +1,8 @@
 """``SeedTokenizer``: image -> 32 causal ids -> generation embeddings, in one checkpoint folder.
 
     image -> preprocess -> vision encoder -> causal Q-Former -> quantizer -> ids [B, 32]
-    ids -> codebook vectors -> de-tokenizer -> generation embeddings (unCLIP 1024 / SD-1 77x768)
+    ids -> codebook vectors -> de-tokenizer -> generation embeddings (unCLIP 1024 / SD-1 77x768 / tiny 1280)
+    generation embeddings -> image decoder (diffusion, loaded lazily from ``<checkpoint>/decoder``) -> images
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from .vision import build_vision
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+DECODER_DIR = "decoder"  # the image decoder's sub-folder of a checkpoint (a diffusers folder)
+# generation teacher -> the image decoder that paints its embeddings
+_DECODER_KIND = {"unclip": "seed2", "sd1_text": "seed1", "vision_pooled": "tiny"}
 # Weights that stay fp32 whatever the model's dtype: the reference computes ln_vision in fp32, and code
 # lookup is done in fp32 (see VectorQuantizer.lookup), so the codebook is kept exact.
 _FP32_PARAMS = ("vision.ln_vision.", "quantizer.embedding.")
@@ -57,6 +61,8 @@ class SeedTokenizer(nn.Module):
                                                  config.qformer.hidden_size)
         self.vision.requires_grad_(False)  # frozen in every stage
         self.load_report = None
+        self.checkpoint_path: Path | None = None  # the folder it was loaded from (its decoder/ sub-folder)
+        self._image_decoder = None
         if not self.qformer.query_tokens.is_meta:
             self._load_frozen_text()
 
@@ -177,6 +183,66 @@ class SeedTokenizer(nn.Module):
         with torch.inference_mode():
             return self.detokenizer.generation_embeddings(self.codes(ids))
 
+    @property
+    def image_decoder_kind(self) -> str:
+        """Which image decoder paints this model's generation embeddings: "seed2" (SD 2.1 unCLIP), "seed1"
+        (SD 1.4) or "tiny" (the tiny preset's own), by the de-tokenizer's teacher."""
+        return _DECODER_KIND[self.config.detokenizer.teacher]
+
+    def set_image_decoder(self, decoder, **kwargs) -> "SeedTokenizer":
+        """Attach an image decoder: an ``ImageDecoder``, or a folder / hub id loaded as this model's kind
+        (keyword arguments go to its ``from_pretrained``, e.g. ``dtype``, ``num_inference_steps``)."""
+        from .image_decoder import ImageDecoder, build_image_decoder
+
+        if not isinstance(decoder, ImageDecoder):
+            kwargs.setdefault("device", self.device)
+            decoder = build_image_decoder(self.image_decoder_kind, decoder, **kwargs)
+        if tuple(decoder.embedding_shape) != tuple(self._generation_shape()):
+            raise CheckpointError(f"the image decoder takes {tuple(decoder.embedding_shape)} embeddings, this "
+                                  f"model makes {tuple(self._generation_shape())}")
+        self._image_decoder = decoder
+        return self
+
+    def image_decoder(self, path: str | os.PathLike | None = None, **kwargs):
+        """The attached image decoder, loading it on first use: ``path`` (a folder or hub id), else the
+        checkpoint's ``decoder/`` sub-folder. A model without one raises a one-line ``CheckpointError``."""
+        if path is not None:
+            return self.set_image_decoder(path, **kwargs)._image_decoder
+        if self._image_decoder is None:
+            folder = self.checkpoint_path / DECODER_DIR if self.checkpoint_path is not None else None
+            if folder is None or not (folder / "model_index.json").is_file():
+                where = f"{folder} does not exist" if folder is not None else \
+                    f"{self.config.name} was not loaded from a checkpoint folder"
+                hint = "train one with `seedtok train decoder`" if self.image_decoder_kind == "tiny" else \
+                    f"give the {self.image_decoder_kind} Stable Diffusion folder or hub id (image_decoder=...)"
+                raise CheckpointError(f"no image decoder for {self.config.name}: {where}; {hint}")
+            self.set_image_decoder(folder, **kwargs)
+        return self._image_decoder
+
+    def _generation_shape(self) -> tuple[int, ...]:
+        det = self.config.detokenizer
+        if det.kind == "seed1":
+            return (det.reverse_queries, det.generation_dim)
+        return (det.generation_dim,)
+
+    def decode(self, ids, *, image_decoder=None, negative_ids=None, seed: int | Sequence[int] | None = 0,
+               **kwargs):
+        """Ids [B, N] (or one row [N]) -> B images (a list of PIL images by default): ids -> generation
+        embeddings -> the image decoder. ``image_decoder``: an ``ImageDecoder`` or a folder / hub id to use
+        (kept for later calls); default: the checkpoint's ``decoder/``. ``negative_ids``: ids whose embedding is
+        the negative for classifier-free guidance ([B or 1, N]; default: the decoder's null embedding).
+        ``seed``: one int for every image (default 0: an image depends only on its ids) or one per image; other
+        keyword arguments (``generator``, ``latents``, ``guidance_scale``, ``num_inference_steps``,
+        ``batch_size``, ``output_type``, ...) go to ``ImageDecoder.decode``."""
+        ids = self.check_ids(ids)
+        decoder = self.image_decoder(image_decoder) if image_decoder is not None else self.image_decoder()
+        embeddings = self.decode_embeddings(ids).float()
+        if negative_ids is not None:
+            kwargs["negative_embeddings"] = self.decode_embeddings(negative_ids).float()
+        if kwargs.get("generator") is not None:
+            seed = None
+        return decoder.decode(embeddings, seed=seed, **kwargs)
+
     def reconstruct_causal(self, ids) -> torch.Tensor:
         """Ids -> reconstructed causal embeddings [B, N, hidden] (the stage-2 reconstruction branch)."""
         with torch.inference_mode():
@@ -193,7 +259,27 @@ class SeedTokenizer(nn.Module):
                    for k, v in self.stored_state_dict().items()}
         atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        self._save_image_decoder(folder / DECODER_DIR, dtype)
         return folder
+
+    def _save_image_decoder(self, target: Path, dtype) -> None:
+        """The tiny decoder travels with the checkpoint (``decoder/``): the attached one, else a copy of the
+        source checkpoint's. Stable Diffusion decoders (GBs) stay where they are."""
+        from .image_decoder import TinyDecoder
+
+        if isinstance(self._image_decoder, TinyDecoder):
+            self._image_decoder.save_pretrained(target, dtype=dtype)
+            return
+        source = self.checkpoint_path / DECODER_DIR if self.checkpoint_path is not None else None
+        if self._image_decoder is None and source is not None and (source / "model_index.json").is_file() \
+                and source.resolve() != target.resolve():
+            import shutil
+
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
@@ -211,6 +297,7 @@ class SeedTokenizer(nn.Module):
             state = _load_safetensors(path / WEIGHTS_NAME)
             model = cls.empty(config)
             model.load_state_dict_checked(state)
+            model.checkpoint_path = path
         elif str(name_or_path) in PRESETS:
             name = str(name_or_path)
             if name in ("seed1", "seed2"):

@@ -159,7 +159,10 @@ class Trainer:
         from safetensors.torch import load_file
 
         model = self.model
-        model.load_state_dict_checked(load_file(str(folder / "model" / "model.safetensors")))
+        if hasattr(model, "load_checkpoint"):  # a model with its own folder layout (the image decoder)
+            model.load_checkpoint(folder / "model")
+        else:
+            model.load_state_dict_checked(load_file(str(folder / "model" / "model.safetensors")))
         try:
             state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable state is one clear error

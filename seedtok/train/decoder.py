@@ -1,0 +1,269 @@
+"""Training the tiny preset's image decoder (``TinyDecoder``) as a Task on the shared loop.
+
+The decoder learns p(image | generation embedding). Its training pairs are (scene, the *teacher* embedding of
+that scene): the embedding space stage 2 teaches the de-tokenizer to produce (``teacher="vision_pooled"``:
+the frozen backbone's pooled feature at the tokenizer's input size). So the decoder does not depend on a
+trained tokenizer: any de-tokenizer trained against the same teacher decodes through it.
+
+Loss: diffusers' ``DDPMScheduler`` noises the pixels ([-1, 1]) at a uniform timestep; the UNet predicts the
+scheduler's ``prediction_type`` target (x0 by default); plain MSE. Condition dropout: each embedding is
+replaced by the null (all-zeros) embedding with probability ``cond_dropout``, which is what the decoder's
+classifier-free guidance contrasts with. Noise, timesteps and dropout draw from torch's global RNG, which the
+loop checkpoints, so a resumed run continues exactly. No augmentation: a mirrored emoji is another emoji.
+
+Data (``DecoderData``): scenes are rendered once to uint8 pixels at the decoder's size, and their teacher
+embeddings computed once; both are kept in ``cache_dir`` (safetensors). When the tokenizer's own feature
+cache for the same data exists there (``train tokenizer`` with ``cache_features``), its pooled row is read
+instead of running the backbone again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..config import PRESETS, TokenizerConfig, preset
+from ..data.sources import Sample
+from ..data.transforms import preprocess
+from ..errors import CheckpointError, ConfigError
+from ..models.image_decoder import TINY_DECODERS, TinyDecoder, TinyDecoderConfig, tiny_decoder_config
+from .loop import TrainConfig, TrainResult
+
+__all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "train_decoder"]
+
+
+# ------------------------------------------------------------------------------------------------ data
+def build_teacher(config: TokenizerConfig) -> nn.Module:
+    """The frozen vision encoder of a tokenizer config, with the weights ``SeedTokenizer(config)`` gives it
+    (pretrained, or random from ``config.seed``: the vision encoder is built first there, so the same seed
+    gives the same weights)."""
+    from ..models.vision import build_vision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        vision = build_vision(config.vision)
+    return vision.requires_grad_(False).eval()
+
+
+def _key(config: TokenizerConfig, data_spec: str, size: int) -> str:
+    payload = json.dumps({"vision": dataclasses.asdict(config.vision), "size": config.image_size,
+                          "mean": config.image_mean, "std": config.image_std, "resample": config.resample,
+                          "seed": config.seed if not config.vision.pretrained else None,
+                          "data": data_spec, "pixels": size, "what": "decoder"}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class DecoderData:
+    """``len`` + ``batch(indices, step)`` -> {"pixels": [B, 3, S, S] in [-1, 1], "embeds": [B, D]}."""
+
+    def __init__(self, config: TokenizerConfig, samples: Sequence[Sample], data_spec: str, size: int,
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True, batch_size: int = 64):
+        from .data import _cache_key, _load_or_compute
+
+        self.config, self.samples, self.size = config, samples, int(size)
+        self.progress, self.chunk = progress, batch_size
+        cache_dir = Path(cache_dir or ".")
+        # the tokenizer's feature cache for the same data, when there is one (same key as TokenizerData's)
+        self._features_cache = cache_dir / f"features-{_cache_key(_ConfigHolder(config), data_spec, 'features')}" \
+                                           f".safetensors"
+        tensors = _load_or_compute(cache_dir / f"decoder-{_key(config, data_spec, self.size)}.safetensors",
+                                   self._compute)
+        self.pixels, self.teacher = tensors["pixels"], tensors["teacher"]
+        if len(self.pixels) != len(samples):
+            raise ConfigError(f"decoder cache holds {len(self.pixels)} samples, the data {len(samples)}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.teacher.shape[1])
+
+    def _starts(self, desc: str):
+        starts = range(0, len(self.samples), self.chunk)
+        if self.progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc=desc, unit="batch")
+        return starts
+
+    @torch.inference_mode()
+    def _compute(self) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        reuse = self._features_cache.is_file()
+        teacher = None if reuse else build_teacher(cfg)
+        pixels, embeds = [], []
+        for start in self._starts("cache decoder pixels + teacher embeddings"):
+            images = [self.samples[i].image for i in range(start, min(start + self.chunk, len(self.samples)))]
+            pixels.append(torch.from_numpy(np.stack([np.asarray(_resize(im, self.size), dtype=np.uint8)
+                                                     for im in images])).permute(0, 3, 1, 2).contiguous())
+            if teacher is not None:
+                x = preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.resample)
+                embeds.append(teacher.features(x)[:, 0].to(torch.float16))
+        if reuse:
+            from safetensors import safe_open
+
+            with safe_open(str(self._features_cache), "pt") as f:
+                embeds = [f.get_slice("features")[:, 0].to(torch.float16)]
+        return {"pixels": torch.cat(pixels), "teacher": torch.cat(embeds).reshape(len(self.samples), -1)}
+
+    def batch(self, indices: list[int], step: int = 0) -> dict[str, torch.Tensor]:
+        pixels = self.pixels[indices].float().div_(127.5).sub_(1.0)
+        return {"pixels": pixels, "embeds": self.teacher[indices].float()}
+
+
+class _ConfigHolder:
+    """What ``train.data._cache_key`` reads of a tokenizer: its config."""
+
+    def __init__(self, config: TokenizerConfig):
+        self.config = config
+
+
+def _resize(image: Image.Image, size: int) -> Image.Image:
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+# ------------------------------------------------------------------------------------------------ model
+class DecoderModel(nn.Module):
+    """The decoder as the shared loop sees it: an ``nn.Module`` (its UNet) that saves and reloads itself as the
+    decoder's diffusers folder."""
+
+    def __init__(self, decoder: TinyDecoder):
+        super().__init__()
+        self.decoder = decoder
+        self.unet = decoder.pipeline.unet
+
+    def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
+        return self.decoder.save_pretrained(folder, dtype=dtype)
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Load the UNet weights of a folder ``save_pretrained`` wrote (the loop's resume)."""
+        from safetensors.torch import load_file
+
+        path = Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"
+        if not path.is_file():
+            raise CheckpointError(f"missing decoder weights {path}")
+        state = load_file(str(path))
+        own = self.unet.state_dict()
+        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+            raise CheckpointError(f"{path} does not fit the decoder config (keys or shapes differ)")
+        self.unet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+class DecoderTask:
+    """Denoising loss with condition dropout (see the module docstring)."""
+
+    def __init__(self, decoder: TinyDecoder):
+        from diffusers import DDPMScheduler
+
+        config = decoder.pipeline.scheduler.config
+        self.scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps,
+                                       beta_schedule=config.beta_schedule, prediction_type=config.prediction_type)
+        self.cond_dropout = float(decoder.pipeline.config.cond_dropout)
+        self.to_latents = decoder.pipeline.to_latents
+
+    def train_mode(self, model):
+        model.train()
+
+    def trainable_parameters(self, model):
+        return [(f"unet.{n}", p) for n, p in model.unet.named_parameters()]
+
+    def loss(self, model, batch):
+        sched = self.scheduler
+        x0, emb = self.to_latents(batch["pixels"]), batch["embeds"]
+        n = x0.shape[0]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, sched.config.num_train_timesteps, (n,), device=x0.device)
+        keep = (torch.rand(n, device=x0.device) >= self.cond_dropout).to(emb.dtype)[:, None]
+        noisy = sched.add_noise(x0, noise, t)
+        kind = sched.config.prediction_type
+        target = noise if kind == "epsilon" else x0 if kind == "sample" else sched.get_velocity(x0, noise, t)
+        pred = model.unet(noisy, t, encoder_hidden_states=None, class_labels=emb * keep).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, {"cond_kept": keep.mean().item()}
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def load_decoder_run_config(spec: str, quick: bool = False
+                            ) -> tuple[TokenizerConfig, TinyDecoderConfig, TrainConfig]:
+    """A preset name with a decoder config and recipe (tiny, micro), or a JSON/YAML file with ``model`` (a
+    preset name or tokenizer config dict: whose teacher embeddings to decode), ``decoder``
+    (``TinyDecoderConfig`` fields over the preset's, or over tiny's) and ``train`` (TrainConfig fields)."""
+    from .recipes import decoder_recipe
+
+    if spec in PRESETS:
+        train_cfg = decoder_recipe(spec, quick)  # first: its error says which presets have a decoder
+        return preset(spec), tiny_decoder_config(spec), train_cfg
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"{spec!r} is neither a preset with a decoder ({', '.join(TINY_DECODERS)}) nor a "
+                          f"config file")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is one clear message
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise ConfigError(f"{path} needs a 'model' entry (preset name or config)")
+    model = data["model"]
+    model_cfg = preset(model) if isinstance(model, str) else TokenizerConfig.from_dict(model)
+    base_name = model if isinstance(model, str) and model in TINY_DECODERS else "tiny"
+    decoder = data.get("decoder", {})
+    known = {f.name for f in dataclasses.fields(TinyDecoderConfig)}
+    if set(decoder) - known:
+        raise ConfigError(f"unknown decoder config keys: {sorted(set(decoder) - known)}")
+    dec_cfg = dataclasses.replace(tiny_decoder_config(base_name),
+                                  **{k: tuple(v) if isinstance(v, list) else v for k, v in decoder.items()})
+    train = data.get("train", {})
+    overrides = TrainConfig.from_dict(train)  # validates the keys
+    train_cfg = dataclasses.replace(decoder_recipe(base_name, quick), **{k: getattr(overrides, k) for k in train})
+    return model_cfg, dec_cfg, train_cfg
+
+
+def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bool = False, resume: bool = False,
+                  steps: int | None = None, export: str | Path | None = None, progress: bool = True
+                  ) -> TrainResult:
+    """Train the tiny image decoder; the trained decoder is saved to ``OUT/final`` (fp32) and, with ``export``,
+    also there in fp16 (the bundled form: ``seedtok/weights/tiny/decoder``)."""
+    from ..data.sources import open_source
+    from .loop import Trainer, latest_checkpoint
+
+    model_cfg, dec_cfg, train_cfg = load_decoder_run_config(config, quick)
+    if steps:
+        train_cfg.steps = steps
+    name = f"{model_cfg.name}-decoder{'-quick' if quick else ''}"
+    out = Path(out) if out else Path("runs") / name
+    if not resume and latest_checkpoint(out) is not None:
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    data = DecoderData(model_cfg, open_source(train_cfg.data), train_cfg.data, dec_cfg.image_size,
+                       cache_dir=out.parent / "cache", progress=progress)
+    if data.embed_dim != dec_cfg.embed_dim:
+        raise ConfigError(f"the teacher embeddings of {model_cfg.name} are {data.embed_dim}-d, the decoder "
+                          f"config expects {dec_cfg.embed_dim}")
+    decoder = TinyDecoder.random(dec_cfg)
+    model = DecoderModel(decoder)
+    trainer = Trainer(train_cfg, model, DecoderTask(decoder), data, out, progress=progress)
+    if resume:
+        trainer.resume()
+    result = trainer.fit()
+    model.eval()
+    if trainer.accelerator.is_main_process:
+        decoder.save_pretrained(out / "final")
+        if export:
+            decoder.save_pretrained(export, dtype="fp16")
+    trainer.accelerator.wait_for_everyone()
+    return result

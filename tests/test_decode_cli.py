@@ -1,0 +1,213 @@
+"""``SeedTokenizer.decode`` and the decoding verbs (detokenize, reconstruct, eval decoder) on a micro checkpoint
+folder with a random micro image decoder in its ``decoder/`` sub-folder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from seedtok import SeedTokenizer  # noqa: E402
+from seedtok.cli import main  # noqa: E402
+from seedtok.errors import CheckpointError, IdsError  # noqa: E402
+from seedtok.models.image_decoder import TinyDecoder  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, micro):
+    root = tmp_path_factory.mktemp("ckpt") / "m"
+    micro.save_pretrained(root)
+    TinyDecoder.random("micro").save_pretrained(root / "decoder")
+    return root
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from seedtok.data.emoji import EmojiWorld
+    from seedtok.data.writer import write_dataset
+
+    out = tmp_path_factory.mktemp("scenes") / "test"
+    write_dataset(EmojiWorld("test", 0).take(3), out)
+    return out
+
+
+def ids_for(n, seed=0):
+    return torch.randint(0, 64, (n, 32), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------ library
+def test_decode_loads_the_checkpoint_decoder_lazily(folder):
+    tok = SeedTokenizer.from_pretrained(folder)
+    assert tok.image_decoder_kind == "tiny" and tok._image_decoder is None
+    ids = ids_for(3)
+    images = tok.decode(ids)
+    assert len(images) == 3 and {im.size for im in images} == {(16, 16)}
+    assert isinstance(tok._image_decoder, TinyDecoder)
+    # the same as decoding the embeddings directly, seed 0 for every image (batch-independent)
+    direct = tok._image_decoder.decode(tok.decode_embeddings(ids), seed=0, output_type="np")
+    np.testing.assert_allclose(tok.decode(ids, output_type="np"), direct, atol=1e-6)
+    np.testing.assert_allclose(tok.decode(ids[1], output_type="np")[0], direct[1], atol=1e-5)
+    # negative ids become the negative embedding
+    neg = tok.decode(ids, negative_ids=ids_for(1, seed=5), output_type="np")
+    expected = tok._image_decoder.decode(tok.decode_embeddings(ids), seed=0, output_type="np",
+                                         negative_embeddings=tok.decode_embeddings(ids_for(1, seed=5)))
+    np.testing.assert_allclose(neg, expected, atol=1e-6)
+    with pytest.raises(IdsError, match="expected 32 ids"):
+        tok.decode(ids[:, :5])
+
+
+def test_no_decoder_is_one_clear_error(folder, tmp_path, micro):
+    with pytest.raises(CheckpointError, match="was not loaded from a checkpoint folder.*seedtok train decoder"):
+        SeedTokenizer.from_pretrained("micro").decode(ids_for(1))
+    micro.save_pretrained(tmp_path / "bare")
+    with pytest.raises(CheckpointError, match=r"no image decoder for micro: .*decoder does not exist"):
+        SeedTokenizer.from_pretrained(tmp_path / "bare").decode(ids_for(1))
+    # given explicitly instead
+    tok = SeedTokenizer.from_pretrained(tmp_path / "bare")
+    assert len(tok.decode(ids_for(2), image_decoder=folder / "decoder")) == 2
+    wrong = TinyDecoder.random("tiny")
+    with pytest.raises(CheckpointError, match="embeddings"):
+        tok.set_image_decoder(wrong)
+
+
+def test_save_pretrained_carries_the_decoder(folder, tmp_path):
+    tok = SeedTokenizer.from_pretrained(folder)
+    tok.save_pretrained(tmp_path / "copy")  # not loaded yet: the folder is copied
+    assert (tmp_path / "copy" / "decoder" / "model_index.json").is_file()
+    tok.image_decoder()
+    tok.save_pretrained(tmp_path / "half", dtype="fp16")  # loaded: saved (here in fp16)
+    again = SeedTokenizer.from_pretrained(tmp_path / "half")
+    a, b = tok.decode(ids_for(2), output_type="np"), again.decode(ids_for(2), output_type="np")
+    assert np.abs(a - b).max() < 0.05
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_detokenize_writes_a_png(folder, tmp_path, capsys):
+    ids = ",".join(map(str, ids_for(1)[0].tolist()))
+    out = tmp_path / "sub" / "out.png"
+    assert main(["detokenize", "--model", str(folder), "--ids", ids, "-o", str(out), "--steps", "2"]) == 0
+    image = Image.open(out)
+    assert image.size == (16, 16) and image.mode == "RGB"
+    tok = SeedTokenizer.from_pretrained(folder)
+    expected = tok.decode(ids_for(1), num_inference_steps=2)[0]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+    # spaces and brackets are fine too
+    spaced = "[" + " ".join(map(str, ids_for(1)[0].tolist())) + "]"
+    assert main(["detokenize", "--model", str(folder), "--ids", spaced, "-o", str(tmp_path / "b.png"),
+                 "--steps", "2"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(image))
+
+
+@pytest.mark.parametrize("ids, message", [
+    ("1,2,3", "expected 32 ids"),
+    (",".join(["1"] * 31 + ["64"]), r"ids must lie in \[0, 64\)"),
+    (",".join(["1"] * 31 + ["-1"]), r"ids must lie in \[0, 64\)"),
+    (",".join(["1"] * 31 + ["x7"]), "ids must be integers.*'x7'"),
+    (",".join(["1"] * 31 + ["2.5"]), "ids must be integers.*'2.5'"),
+    ("", "no ids given"),
+])
+def test_detokenize_bad_ids_exit_2_with_one_line(folder, tmp_path, capsys, ids, message):
+    out = tmp_path / "o.png"
+    assert main(["detokenize", "--model", str(folder), "--ids", ids, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("seedtok: error:") and "Traceback" not in err
+    import re
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_detokenize_without_a_decoder_exits_2(tmp_path, capsys, micro):
+    micro.save_pretrained(tmp_path / "bare")
+    ids = ",".join(["1"] * 32)
+    assert main(["detokenize", "--model", str(tmp_path / "bare"), "--ids", ids, "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no image decoder" in err
+
+
+def test_reconstruct_writes_pngs_and_a_grid(folder, tmp_path, photos, capsys):
+    paths = []
+    for i, im in enumerate(photos[:3]):
+        paths.append(tmp_path / f"p{i}.png")
+        im.save(paths[-1])
+    out, grid = tmp_path / "rec", tmp_path / "grid.png"
+    assert main(["reconstruct", "--model", str(folder), *map(str, paths), "-o", str(out), "--grid", str(grid),
+                 "--batch-size", "2", "--steps", "2"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["p0.png", "p1.png", "p2.png"]
+    tok = SeedTokenizer.from_pretrained(folder)
+    expected = tok.decode(tok.encode([photos[2]]), num_inference_steps=2)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "p2.png")), np.asarray(expected))
+    g = Image.open(grid)
+    assert g.size == (2 * 16 + 3 * 2, 3 * (16 + 2) + 2)
+    row2 = np.asarray(g)[2 + 2 * 18: 2 + 2 * 18 + 16]
+    np.testing.assert_array_equal(row2[:, 2 * 2 + 16: 2 * 2 + 32], np.asarray(expected))  # right: reconstruction
+    # same stems in different folders do not overwrite each other
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    photos[0].save(tmp_path / "a" / "x.png"), photos[1].save(tmp_path / "b" / "x.png")
+    assert main(["reconstruct", "--model", str(folder), str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"),
+                 "-o", str(tmp_path / "dup"), "--steps", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "dup").iterdir()) == ["0000-x.png", "0001-x.png"]
+    assert main(["reconstruct", "--model", str(folder), str(tmp_path / "missing.png"), "-o", str(out)]) == 2
+
+
+class StubScorer:
+    """Stands in for EmojiScorer (its template banks take minutes to build): records what it is given."""
+
+    calls = []
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def score(self, images, truth=None):
+        from seedtok.evaluate.emoji_scorer import ScoreResult
+
+        images = list(images)
+        StubScorer.calls.append(("score", images, truth))
+        n = len(images)
+        correct = len(StubScorer.calls) == 1  # first call: reconstructions (half right); second: originals
+        top5 = torch.tensor([[int(t["emoji_index"])] + [0] * 4 for t in truth])
+        return ScoreResult(backgrounds=[t["background"] for t in truth], top5=top5, top5_cosine=torch.zeros(n, 5),
+                           identity_top1=50.0 if correct else 100.0, identity_top5=75.0 if correct else 100.0,
+                           background_acc=100.0)
+
+    def embed_cosine(self, originals, reconstructions):
+        StubScorer.calls.append(("cosine", list(originals), list(reconstructions)))
+        return 0.5
+
+
+def test_eval_decoder_writes_the_json(folder, scenes, tmp_path, capsys, monkeypatch):
+    import seedtok.evaluate.emoji_scorer as scorer_module
+
+    StubScorer.calls = []
+    monkeypatch.setattr(scorer_module, "EmojiScorer", StubScorer)
+    out = tmp_path / "r" / "eval.json"
+    assert main(["eval", "decoder", "--model", str(folder), "--data", str(scenes), "--json", str(out),
+                 "--steps", "1", "--batch-size", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) >= {"identity_top1", "identity_top5", "background_acc", "embed_cosine", "ceiling_top1",
+                           "ceiling_top5", "images_per_s"}
+    assert (result["identity_top1"], result["identity_top5"], result["ceiling_top1"]) == (50.0, 75.0, 100.0)
+    assert result["embed_cosine"] == 0.5 and result["images_per_s"] > 0 and result["num_images"] == 3
+    (_, recon, truth), (_, originals, _), (_, cos_a, cos_b) = StubScorer.calls
+    assert len(recon) == 3 and {im.size for im in recon} == {(16, 16)}  # reconstructions, then the originals
+    assert {im.size for im in originals} == {(64, 64)} and cos_b == recon
+    assert [t["emoji_index"] for t in truth] == [json.loads(line)["emoji_index"] for line in
+                                                 (scenes / "captions.jsonl").read_text().splitlines()]
+    # a dataset without emoji metadata is one clear error
+    from seedtok.data.writer import write_dataset
+    from seedtok.data.sources import Sample
+
+    write_dataset([Sample(Image.new("RGB", (8, 8)), "x", {})], tmp_path / "plain")
+    assert main(["eval", "decoder", "--model", str(folder), "--data", str(tmp_path / "plain")]) == 2
+    assert "emoji_index" in capsys.readouterr().err

@@ -1,0 +1,253 @@
+"""The tiny preset's image decoder (``TinyDecoder``) and its training, on the micro config: 48-d embeddings,
+16x16 pixels, a 2-level UNet, 3 DDIM steps."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from seedtok.errors import CheckpointError, ConfigError  # noqa: E402
+from seedtok.models.image_decoder import (DECODERS, DecodeInputError, TinyDecoder, build_image_decoder,  # noqa: E402
+                                          build_tiny_pipeline, tiny_decoder_config)
+
+D = 48
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    dec = TinyDecoder.random("micro")
+    with torch.no_grad():  # a random UNet's output barely depends on the embedding; make it matter
+        dec.pipeline.unet.class_embedding.linear_1.weight.mul_(20)
+    return dec
+
+
+def embeds(n, seed=0):
+    return torch.rand(n, D, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def spy(monkeypatch, decoder):
+    """Record the class labels (embeddings) of every UNet call."""
+    calls = []
+    predict = decoder.pipeline.predict
+
+    def record(sample, timestep, embeddings):
+        calls.append(embeddings.detach().clone())
+        return predict(sample, timestep, embeddings)
+
+    monkeypatch.setattr(decoder.pipeline, "predict", record)
+    return calls
+
+
+# ------------------------------------------------------------------------------------------------ decode
+def test_registered_and_decodes_a_batch(decoder):
+    assert DECODERS["tiny"] is TinyDecoder
+    assert decoder.size == (16, 16) and decoder.embedding_shape == (D,)
+    assert decoder.vae_scale_factor == 2 and decoder.latent_channels == 12  # space-to-depth, no VAE
+    assert (decoder.guidance_scale, decoder.num_inference_steps) == (2.0, 3)
+    images = decoder.decode(embeds(3), seed=[1, 2, 3])
+    assert len(images) == 3 and {im.size for im in images} == {(16, 16)} and {im.mode for im in images} == {"RGB"}
+    pt = decoder.decode(embeds(3), seed=[1, 2, 3], output_type="pt")
+    assert pt.shape == (3, 3, 16, 16) and 0 <= pt.min() and pt.max() <= 1
+    np.testing.assert_array_equal(np.asarray(images[1]), (pt[1].permute(1, 2, 0).numpy() * 255).round())
+    assert len(decoder.decode(embeds(1)[0], seed=0)) == 1  # one embedding without the batch axis
+
+
+def test_batch_equals_one_at_a_time(decoder):
+    emb, seeds = embeds(4), [5, 6, 7, 8]
+    batched = decoder.decode(emb, seed=seeds, output_type="np")
+    alone = np.concatenate([decoder.decode(emb[i:i + 1], seed=[seeds[i]], output_type="np") for i in range(4)])
+    chunked = decoder.decode(emb, seed=seeds, batch_size=3, output_type="np")
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    np.testing.assert_allclose(batched, chunked, atol=1e-5)
+    assert np.abs(batched[0] - batched[1]).max() > 0.01  # different embeddings and seeds: different images
+    same_seed = decoder.decode(emb, seed=3, output_type="np")
+    np.testing.assert_allclose(same_seed[2], decoder.decode(emb[2], seed=3, output_type="np")[0], atol=1e-5)
+
+
+def test_guidance_uses_zeros_or_the_negative_embedding(decoder, monkeypatch):
+    emb = embeds(2)
+    calls = spy(monkeypatch, decoder)
+    default = decoder.decode(emb, seed=0, output_type="np")
+    assert len(calls) == 3 and calls[0].shape == (4, D)  # one UNet batch per step: [uncond; cond]
+    torch.testing.assert_close(calls[0][:2], torch.zeros(2, D))
+    torch.testing.assert_close(calls[0][2:], emb)
+    calls.clear()
+    negative = embeds(1, seed=9)
+    guided = decoder.decode(emb, seed=0, negative_embeddings=negative, output_type="np")
+    torch.testing.assert_close(calls[0][:2], negative.expand(2, D))
+    assert np.abs(guided - default).max() > 1e-3  # the negative changes the result
+    calls.clear()
+    plain = decoder.decode(emb, seed=0, guidance_scale=1.0, output_type="np")
+    assert calls[0].shape == (2, D)  # no guidance: no unconditional rows
+    np.testing.assert_allclose(decoder.decode(emb, seed=0, guidance_scale=1.0, negative_embeddings=negative,
+                                              output_type="np"), plain)
+
+
+def test_given_latents_and_bad_inputs(decoder):
+    emb = embeds(2)
+    latents = torch.randn(1, 12, 8, 8, generator=torch.Generator().manual_seed(0))
+    first = decoder.decode(emb, latents=latents, output_type="np")
+    np.testing.assert_array_equal(first, decoder.decode(emb, latents=latents.expand(2, -1, -1, -1), seed=4,
+                                                        output_type="np"))
+    with pytest.raises(DecodeInputError, match=r"\[B, 48\]"):
+        decoder.decode(torch.zeros(2, 32))
+    with pytest.raises(DecodeInputError, match="latents"):
+        decoder.decode(emb, latents=torch.zeros(1, 3, 16, 16))
+    with pytest.raises(DecodeInputError, match="seeds"):
+        decoder.decode(emb, seed=[1, 2, 3])
+
+
+# ------------------------------------------------------------------------------------------------ save/load
+def test_save_load_round_trip_is_exact(decoder, tmp_path):
+    decoder.save_pretrained(tmp_path / "dec")
+    index = json.loads((tmp_path / "dec" / "model_index.json").read_text())
+    assert index["_class_name"] == "TinyDecoderPipeline" and index["patch_size"] == 2
+    assert (tmp_path / "dec" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    again = build_image_decoder("tiny", tmp_path / "dec")
+    for (k, a), b in zip(decoder.pipeline.unet.state_dict().items(), again.pipeline.unet.state_dict().values()):
+        assert torch.equal(a, b), k
+    emb = embeds(2)
+    np.testing.assert_array_equal(decoder.decode(emb, seed=4, output_type="np"),
+                                  again.decode(emb, seed=4, output_type="np"))
+    # fp16 storage: half the bytes, weights equal to the fp16-rounded ones, loads back as fp32
+    decoder.save_pretrained(tmp_path / "half", dtype="fp16")
+    half = TinyDecoder.from_pretrained(tmp_path / "half")
+    assert half.dtype == torch.float32 and decoder.dtype == torch.float32
+    for a, b in zip(decoder.pipeline.unet.parameters(), half.pipeline.unet.parameters()):
+        assert torch.equal(a.half().float(), b)
+    with pytest.raises(CheckpointError, match="no tiny image decoder"):
+        TinyDecoder.from_pretrained(tmp_path)
+
+
+def test_tiny_config_fits_the_bundle_limit():
+    cfg = tiny_decoder_config("tiny")
+    assert (cfg.embed_dim, cfg.image_size) == (1280, 64)
+    unet = build_tiny_pipeline(cfg).unet
+    assert unet.config.sample_size * cfg.patch_size == 64
+    assert sum(p.numel() for p in unet.parameters()) * 2 <= 20e6  # fp16 on disk <= 20 MB
+    with pytest.raises(ConfigError, match="no tiny decoder config"):
+        tiny_decoder_config("seed2")
+
+
+# ------------------------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def micro_data(tmp_path_factory):
+    from seedtok.config import preset
+    from seedtok.data.sources import open_source
+    from seedtok.train.decoder import DecoderData
+
+    return DecoderData(preset("micro"), open_source("emoji:train:16"), "emoji:train:16", 16,
+                       cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+
+
+def test_data_pixels_and_teacher(micro_data, micro):
+    from seedtok.data.sources import open_source
+
+    batch = micro_data.batch([0, 3])
+    assert batch["pixels"].shape == (2, 3, 16, 16) and batch["embeds"].shape == (2, D)
+    assert -1 <= batch["pixels"].min() and batch["pixels"].max() <= 1
+    sample = open_source("emoji:train:16")[3]
+    expected = np.asarray(sample.image.resize((16, 16), Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1
+    np.testing.assert_allclose(batch["pixels"][1].permute(1, 2, 0).numpy(), expected, atol=1e-6)
+    # the teacher is the stage-2 target: the micro tokenizer's pooled (first) vision state, fp16-cached
+    with torch.no_grad():
+        feats = micro.vision.features(micro.preprocess([sample.image]))[:, 0]
+    torch.testing.assert_close(batch["embeds"][1], feats[0].half().float())
+
+
+def test_teacher_is_read_from_the_tokenizer_feature_cache(tmp_path):
+    from safetensors.torch import save_file
+
+    from seedtok.config import preset
+    from seedtok.data.sources import open_source
+    from seedtok.train.data import _cache_key
+    from seedtok.train.decoder import DecoderData, _ConfigHolder
+
+    spec = "emoji:train:8"
+    features = torch.randn(8, 5, D).half()
+    key = _cache_key(_ConfigHolder(preset("micro")), spec, "features")
+    save_file({"features": features}, str(tmp_path / f"features-{key}.safetensors"))
+    data = DecoderData(preset("micro"), open_source(spec), spec, 16, cache_dir=tmp_path, progress=False)
+    torch.testing.assert_close(data.teacher, features[:, 0])
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch(micro_data):
+    from seedtok.train.decoder import DecoderModel, DecoderTask
+
+    dec = TinyDecoder.random("micro")
+    model, task = DecoderModel(dec), DecoderTask(dec)
+    assert task.cond_dropout == 0.1
+    assert {n for n, _ in task.trainable_parameters(model)} == {f"unet.{n}" for n, _ in
+                                                                 dec.pipeline.unet.named_parameters()}
+    batch = micro_data.batch(list(range(8)))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+
+    def loss():
+        torch.manual_seed(0)  # the same noise, timesteps and dropout each time
+        return task.loss(model, batch)[0]
+
+    task.train_mode(model)
+    before = loss().item()
+    for _ in range(5):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    assert loss().item() < 0.9 * before
+
+
+def test_condition_dropout_zeroes_embeddings(micro_data, monkeypatch):
+    from seedtok.train.decoder import DecoderModel, DecoderTask
+
+    dec = TinyDecoder.random("micro")
+    task = DecoderTask(dec)
+    task.cond_dropout = 0.5
+    seen = []
+    forward = dec.pipeline.unet.forward
+    monkeypatch.setattr(dec.pipeline.unet, "forward",
+                        lambda *a, class_labels=None, **k: seen.append(class_labels) or forward(
+                            *a, class_labels=class_labels, **k))
+    batch = micro_data.batch(list(range(16)))
+    torch.manual_seed(1)
+    task.loss(DecoderModel(dec), batch)
+    dropped = (seen[0] == 0).all(1)
+    assert 0 < dropped.sum() < 16
+    torch.testing.assert_close(seen[0][~dropped], batch["embeds"][~dropped])
+
+
+def test_train_resume_is_exact_and_the_result_loads(tmp_path):
+    from seedtok.config import preset
+    from seedtok.data.sources import open_source
+    from seedtok.train.decoder import DecoderData, DecoderModel, DecoderTask, load_decoder_run_config, \
+        train_decoder
+    from seedtok.train.loop import Trainer
+
+    full = train_decoder("micro", out=tmp_path / "full", progress=False)
+    assert full.steps == 4 and (tmp_path / "full" / "final" / "model_index.json").is_file()
+    # interrupted after 3 steps (checkpoint at 2), then resumed
+    _, dec_cfg, train_cfg = load_decoder_run_config("micro")
+    data = DecoderData(preset("micro"), open_source(train_cfg.data), train_cfg.data, 16,
+                       cache_dir=tmp_path / "cache", progress=False)
+    dec = TinyDecoder.random(dec_cfg)
+    Trainer(train_cfg, DecoderModel(dec), DecoderTask(dec), data, tmp_path / "cut", progress=False).fit(stop_after=3)
+    resumed = train_decoder("micro", out=tmp_path / "cut", resume=True, export=tmp_path / "half", progress=False)
+    assert resumed.steps == 4
+    a = TinyDecoder.from_pretrained(tmp_path / "full" / "final").pipeline.unet.state_dict()
+    b = TinyDecoder.from_pretrained(tmp_path / "cut" / "final").pipeline.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert TinyDecoder.from_pretrained(tmp_path / "half").embedding_shape == (D,)
+    with pytest.raises(ConfigError, match="--resume"):
+        train_decoder("micro", out=tmp_path / "full", progress=False)
+    with pytest.raises(ConfigError, match="no image decoder recipe"):
+        train_decoder("seed2", out=tmp_path / "x", progress=False)
