@@ -234,11 +234,16 @@ def _extract_ids(args) -> int:
     from .data.sources import open_source
     from .models.tokenizer import SeedTokenizer
 
+    from .train.loop import process_state
+
+    state = process_state()  # under torchrun / accelerate launch: each rank encodes its own shards
     samples = open_source(args.data)
-    tokenizer = SeedTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = SeedTokenizer.from_pretrained(args.tokenizer).to(state.device)
     out = extract_ids(tokenizer, samples, args.out, source=args.data, tokenizer_name=args.tokenizer,
-                      shard_size=args.shard_size, batch_size=args.batch_size)
-    print(f"wrote ids of {len(samples)} images to {out}")
+                      shard_size=args.shard_size, batch_size=args.batch_size, rank=state.process_index,
+                      world_size=state.num_processes, barrier=state.wait_for_everyone)
+    if state.is_main_process:
+        print(f"wrote ids of {len(samples)} images to {out}")
     return 0
 
 

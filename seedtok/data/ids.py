@@ -7,7 +7,9 @@ Layout of an ids folder (``seedtok extract-ids``)::
     index.json               {"tokenizer", "num_tokens", "codebook_size", "source", "count", "shards": [...]}
 
 Every shard is written atomically (temporary name, then rename), and ``index.json`` last, so a folder with an
-index is complete. An interrupted extraction resumes: shards already on disk are kept.
+index is complete. An interrupted extraction resumes: shards already on disk are kept. Under ``torchrun`` /
+``accelerate launch`` (``rank``, ``world_size``, ``barrier``) rank r encodes shards r, r + W, r + 2W, ...;
+rank 0 writes the index once every rank has finished, so the folder is the same as a one-process run's.
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def _read_shard(path: Path) -> tuple[torch.Tensor, list[str], list[dict]]:
 
 
 def extract_ids(tokenizer, samples: Sequence, out_dir: str | os.PathLike, source: str = "",
-                tokenizer_name: str = "", shard_size: int = 1000, batch_size: int = 32, progress: bool = True) -> Path:
-    """Encode every sample's image once; write shards of ids + captions + metadata, then the index."""
+                tokenizer_name: str = "", shard_size: int = 1000, batch_size: int = 32, progress: bool = True,
+                rank: int = 0, world_size: int = 1, barrier=None) -> Path:
+    """Encode every sample's image once; write shards of ids + captions + metadata, then the index. With
+    ``world_size`` > 1 this process encodes its share of the shards (``barrier``: waits for every rank)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -73,14 +77,18 @@ def extract_ids(tokenizer, samples: Sequence, out_dir: str | os.PathLike, source
         raise DataError("no samples to extract")
     shards = []
     bar = None
+    mine = sum(min(total, s + shard_size) - s for n, s in enumerate(range(0, total, shard_size))
+               if n % world_size == rank)
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc="extract ids", unit="img")
+        bar = tqdm(total=mine, desc=f"extract ids (rank {rank})" if world_size > 1 else "extract ids", unit="img")
     for number, start in enumerate(range(0, total, shard_size)):
         path = out / _shard_name(number)
         stop = min(total, start + shard_size)
         shards.append(path.name)
+        if number % world_size != rank:  # another rank's shard
+            continue
         if path.is_file():  # resumed: a finished shard is kept
             if bar is not None:
                 bar.update(stop - start)
@@ -98,9 +106,18 @@ def extract_ids(tokenizer, samples: Sequence, out_dir: str | os.PathLike, source
         atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
     if bar is not None:
         bar.close()
+    if world_size > 1:
+        if barrier is None:
+            raise DataError("extract_ids with world_size > 1 needs a barrier")
+        barrier()  # every rank's shards are on disk
+        if rank != 0:
+            barrier()  # rank 0 writes the index
+            return out
     index = {"tokenizer": tokenizer_name or tokenizer.config.name, "num_tokens": tokenizer.num_tokens,
              "codebook_size": tokenizer.codebook_size, "source": str(source), "count": total, "shards": shards}
     atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=2))
+    if world_size > 1:
+        barrier()
     return out
 
 

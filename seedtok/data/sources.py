@@ -204,6 +204,37 @@ def decode_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
     return to_rgb(image)
 
 
+def sample_from_members(where: str, key: str, group: dict[str, bytes]) -> Sample | str:
+    """One webdataset group (``{extension: bytes}``) -> a `Sample`, or the reason it is skipped (a string
+    starting with ``where``). Shared by `WebDatasetShards` and the streaming path (`seedtok.data.stream`)."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
+    if ext is None:
+        return f"{where}: no image member"
+    if "txt" not in group:
+        return f"{where}: no caption (.txt) member"
+    try:
+        caption = group["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return f"{where}: caption is not UTF-8"
+    if not caption:
+        return f"{where}: empty caption"
+    meta: dict[str, Any] = {}
+    if "json" in group:
+        try:
+            meta = json.loads(group["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{where}: invalid .json member"
+        if not isinstance(meta, dict):
+            return f"{where}: .json member is not an object"
+        meta.pop("caption", None)
+    meta.setdefault("key", key)
+    try:
+        image = decode_image_bytes(group[ext], f"{where}.{ext}")
+    except ImageError as exc:
+        return str(exc)
+    return Sample(image, caption, meta)
+
+
 class WebDatasetShards:
     """Stream img2dataset-layout tar shards as `Sample`s, in a fixed order (shards as given / sorted, members
     in tar order).
@@ -263,40 +294,11 @@ class WebDatasetShards:
                 yield sample
 
     def _make_sample(self, path: Path, key: str, group: dict[str, bytes]) -> Sample | None:
-        where = f"{path}:{key}"
-        ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
-        if ext is None:
-            self._skip(f"{where}: no image member")
+        result = sample_from_members(f"{path}:{key}", key, group)
+        if isinstance(result, str):
+            self._skip(result)
             return None
-        if "txt" not in group:
-            self._skip(f"{where}: no caption (.txt) member")
-            return None
-        try:
-            caption = group["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            self._skip(f"{where}: caption is not UTF-8")
-            return None
-        if not caption:
-            self._skip(f"{where}: empty caption")
-            return None
-        meta: dict[str, Any] = {}
-        if "json" in group:
-            try:
-                meta = json.loads(group["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                self._skip(f"{where}: invalid .json member")
-                return None
-            if not isinstance(meta, dict):
-                self._skip(f"{where}: .json member is not an object")
-                return None
-            meta.pop("caption", None)
-        meta.setdefault("key", key)
-        try:
-            image = decode_image_bytes(group[ext], f"{where}.{ext}")
-        except ImageError as exc:
-            self._skip(str(exc))
-            return None
-        return Sample(image, caption, meta)
+        return result
 
     def __repr__(self) -> str:
         return f"WebDatasetShards({len(self.paths)} shards)"

@@ -365,6 +365,30 @@ class SeedLM(nn.Module):
         atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         return folder
 
+    def save_pretrained_from(self, state_dict: dict[str, torch.Tensor], folder: str | os.PathLike) -> Path:
+        """`save_pretrained` with the weights taken from ``state_dict`` (this module's full state dict, as
+        FSDP / DeepSpeed gather it; its own parameters may be shards)."""
+        missing = [n for n in self._stored if f"model.{n}" not in state_dict]
+        if missing:
+            raise CheckpointError(f"the gathered state dict lacks {len(missing)} stored keys, e.g. {missing[:3]}")
+        with torch.no_grad():
+            own = self.stored_state_dict()
+            saved = {n: own[n].detach().clone() for n in self._stored}
+            try:
+                for n in self._stored:
+                    own[n].data = state_dict[f"model.{n}"].detach().to(own[n].dtype).cpu()
+                return self.save_pretrained(folder)
+            finally:
+                for n in self._stored:
+                    own[n].data = saved[n]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the base model's activations in backward (non-reentrant: works with frozen inputs and
+        LoRA, no input-grad hook needed)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+
     def fuse(self) -> "SeedLM":
         """Fold the adapter into the base weights in place for faster inference (about 2x on CPU: no
         per-forward LoRA and row-copy work); `adapter_disabled` still gives the base LM (peft unmerges)."""

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from ..config import PRESETS, TokenizerConfig, preset
 from ..errors import ConfigError
-from .loop import TrainConfig, Trainer, TrainResult, latest_checkpoint
+from .loop import TrainConfig, Trainer, TrainResult, latest_checkpoint, process_state, read_run_file, with_overrides
 from .recipes import recipe
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "load_run_config", "train_lm", "train_tokenizer"]
@@ -29,26 +28,14 @@ def load_run_config(spec: str, stage: int, quick: bool = False) -> tuple[Tokeniz
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 - any parse error is one clear message
-        raise ConfigError(f"cannot parse {path}: {exc}") from None
-    if not isinstance(data, dict) or "model" not in data:
-        raise ConfigError(f"{path} needs a 'model' entry (preset name or config)")
+    data = read_run_file(path)
     model = data["model"]
     model_cfg = preset(model) if isinstance(model, str) else TokenizerConfig.from_dict(model)
     train = data.get("train", {})
     if str(stage) in train:
         train = train[str(stage)]
     base = recipe(model, stage, quick) if isinstance(model, str) else TrainConfig()
-    overrides = TrainConfig.from_dict(train)  # validates the keys
-    return model_cfg, dataclasses.replace(base, **{k: getattr(overrides, k) for k in train})
+    return model_cfg, with_overrides(base, train)
 
 
 def _stage2_model(run_config: TokenizerConfig, stage1) -> "SeedTokenizer":
@@ -92,10 +79,23 @@ def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quic
     else:
         init = Path(init) if init else out.parent / f"{name}-stage1" / "final"
         model = _stage2_model(model_cfg, SeedTokenizer.from_pretrained(init))
-    data = TokenizerData(model, open_source(train_cfg.data), stage, train_cfg.data, cache_dir=out.parent / "cache",
-                         cache_features=train_cfg.cache_features, augment=train_cfg.augment, seed=train_cfg.seed,
-                         progress=progress)
-    trainer = Trainer(train_cfg, model, Stage1() if stage == 1 else Stage2(), data, out, progress=progress)
+    state = process_state()  # under torchrun / accelerate launch: this process's rank
+    if train_cfg.streaming:
+        if train_cfg.cache_features:
+            raise ConfigError("streaming and cache_features exclude each other (a cache needs the whole data first)")
+        from .data import StreamingTokenizerData
+
+        data = StreamingTokenizerData(model, train_cfg.data, stage, augment=train_cfg.augment,
+                                      shuffle_buffer=train_cfg.shuffle_buffer, resampled=train_cfg.resampled,
+                                      num_workers=train_cfg.num_workers)
+    else:
+        with state.main_process_first():  # rank 0 fills the feature cache; the others then read it
+            data = TokenizerData(model, open_source(train_cfg.data), stage, train_cfg.data,
+                                 cache_dir=out.parent / "cache", cache_features=train_cfg.cache_features,
+                                 augment=train_cfg.augment, seed=train_cfg.seed,
+                                 progress=progress and state.is_main_process)
+    trainer = Trainer(train_cfg, model, Stage1() if stage == 1 else Stage2(), data, out,
+                      progress=progress and state.is_main_process)
     if resume:
         trainer.resume()
     result = trainer.fit()

@@ -167,3 +167,46 @@ class TokenizerData:
             return batch["features"][:, 0]
         with torch.no_grad():
             return self.model.vision.features(batch["pixels"])[:, 0]
+
+
+class StreamingTokenizerData:
+    """Tokenizer-stage batches streamed from tar shards (`seedtok.data.stream.ShardStream`), for data that does
+    not fit in memory. The Trainer calls ``stream(batch_size, rank, world_size, seed, start)`` instead of
+    ``batch(indices, step)``; resume is approximate (see `seedtok.data.stream`). Pixels only: caching features
+    would need the whole set first."""
+
+    def __init__(self, model: SeedTokenizer, urls: str, stage: int, augment: bool = False, shuffle_buffer: int = 1000,
+                 resampled: bool = True, num_workers: int = 0):
+        self.model, self.urls, self.stage, self.augment = model, urls, stage, augment
+        self.shuffle_buffer, self.resampled, self.num_workers = shuffle_buffer, resampled, num_workers
+        self.text_tokenizer = model.text_tokenizer() if stage == 1 else None
+        kind = model.config.detokenizer.teacher
+        if stage == 2 and kind != "vision_pooled":
+            raise NotImplementedError(f"generation teacher {kind!r} needs its own model; not available offline")
+
+    def collate(self, samples: list[Sample], seed: int = 0) -> dict[str, torch.Tensor]:
+        """Samples -> pixels (+ text ids for stage 1). Runs in the DataLoader workers. Augmentation draws are
+        seeded by (seed, the sample's key): reproducible per sample, independent of worker and rank."""
+        cfg = self.model.config
+        images = [s.image for s in samples]
+        if self.augment:
+            images = [random_resized_crop(im, np.random.default_rng(
+                [seed, int(hashlib.sha256(str(s.meta.get("key", "")).encode()).hexdigest()[:12], 16)]),
+                cfg.image_size) for im, s in zip(images, samples)]
+        batch = {"pixels": preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.resample)}
+        if self.stage == 1:
+            encoded = self.text_tokenizer([s.caption for s in samples], truncation=True, padding=True,
+                                          max_length=cfg.qformer.max_text_length, return_tensors="pt")
+            batch["input_ids"], batch["attention_mask"] = encoded["input_ids"], encoded["attention_mask"]
+        return batch
+
+    def stream(self, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0):
+        from functools import partial
+
+        from ..data.stream import ShardStream, loader
+
+        shards = ShardStream(self.urls, partial(self.collate, seed=seed), batch_size, rank=rank,
+                             world_size=world_size, seed=seed, shuffle_buffer=self.shuffle_buffer,
+                             resampled=self.resampled, start=start)
+        # stage 2's teacher is computed by the task on the training device (Stage2.loss), not in the workers
+        yield from loader(shards, self.num_workers)

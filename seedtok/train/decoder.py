@@ -37,7 +37,7 @@ from ..data.sources import Sample
 from ..data.transforms import preprocess
 from ..errors import CheckpointError, ConfigError
 from ..models.image_decoder import TINY_DECODERS, TinyDecoder, TinyDecoderConfig, tiny_decoder_config
-from .loop import TrainConfig, TrainResult
+from .loop import TrainConfig, TrainResult, read_run_file, with_overrides
 
 __all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "train_decoder"]
 
@@ -207,18 +207,7 @@ def load_decoder_run_config(spec: str, quick: bool = False
     if not path.is_file():
         raise ConfigError(f"{spec!r} is neither a preset with a decoder ({', '.join(TINY_DECODERS)}) nor a "
                           f"config file")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 - any parse error is one clear message
-        raise ConfigError(f"cannot parse {path}: {exc}") from None
-    if not isinstance(data, dict) or "model" not in data:
-        raise ConfigError(f"{path} needs a 'model' entry (preset name or config)")
+    data = read_run_file(path)
     model = data["model"]
     model_cfg = preset(model) if isinstance(model, str) else TokenizerConfig.from_dict(model)
     base_name = model if isinstance(model, str) and model in TINY_DECODERS else "tiny"
@@ -229,8 +218,7 @@ def load_decoder_run_config(spec: str, quick: bool = False
     dec_cfg = dataclasses.replace(tiny_decoder_config(base_name),
                                   **{k: tuple(v) if isinstance(v, list) else v for k, v in decoder.items()})
     train = data.get("train", {})
-    overrides = TrainConfig.from_dict(train)  # validates the keys
-    train_cfg = dataclasses.replace(decoder_recipe(base_name, quick), **{k: getattr(overrides, k) for k in train})
+    train_cfg = with_overrides(decoder_recipe(base_name, quick), train)
     return model_cfg, dec_cfg, train_cfg
 
 
@@ -249,14 +237,18 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
     out = Path(out) if out else Path("runs") / name
     if not resume and latest_checkpoint(out) is not None:
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    data = DecoderData(model_cfg, open_source(train_cfg.data), train_cfg.data, dec_cfg.image_size,
-                       cache_dir=out.parent / "cache", progress=progress)
+    from .loop import process_state
+
+    state = process_state()
+    with state.main_process_first():  # rank 0 fills the cache; the others then read it
+        data = DecoderData(model_cfg, open_source(train_cfg.data), train_cfg.data, dec_cfg.image_size,
+                           cache_dir=out.parent / "cache", progress=progress and state.is_main_process)
     if data.embed_dim != dec_cfg.embed_dim:
         raise ConfigError(f"the teacher embeddings of {model_cfg.name} are {data.embed_dim}-d, the decoder "
                           f"config expects {dec_cfg.embed_dim}")
     decoder = TinyDecoder.random(dec_cfg)
     model = DecoderModel(decoder)
-    trainer = Trainer(train_cfg, model, DecoderTask(decoder), data, out, progress=progress)
+    trainer = Trainer(train_cfg, model, DecoderTask(decoder), data, out, progress=progress and state.is_main_process)
     if resume:
         trainer.resume()
     result = trainer.fit()

@@ -12,7 +12,6 @@ Trains the LoRA adapter and the new token rows (`SeedLM.trainable_named_paramete
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from ..config import LM_PRESETS, LMConfig, lm_preset
 from ..data.ids import IdsDataset, load_ids
 from ..data.questions import KINDS, emoji_question
 from ..errors import ConfigError
-from .loop import TrainConfig, TrainResult, Trainer, latest_checkpoint
+from .loop import TrainConfig, TrainResult, Trainer, latest_checkpoint, read_run_file, with_overrides
 
 INSTRUCT_FRACTION = 0.3
 
@@ -85,7 +84,10 @@ class LMData:
 
 
 class LMTask:
-    """Next-token loss (mean over labelled tokens) through the adapter."""
+    """Next-token loss (mean over labelled tokens) through the adapter. Its whole forward is ``model(...)``, so
+    FSDP / DeepSpeed may wrap the model (``wraps_model``; configs/accelerate/)."""
+
+    wraps_model = True
 
     def train_mode(self, model):
         model.train()
@@ -106,24 +108,12 @@ def load_lm_run_config(spec: str, quick: bool = False) -> tuple[LMConfig, TrainC
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"{spec!r} is neither an LM preset ({', '.join(LM_PRESETS)}) nor a config file")
-    try:
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 - any parse error is one clear message
-        raise ConfigError(f"cannot parse {path}: {exc}") from None
-    if not isinstance(data, dict) or "model" not in data:
-        raise ConfigError(f"{path} needs a 'model' entry (LM preset name or config)")
+    data = read_run_file(path, "LM preset name or config")
     model = data["model"]
     model_cfg = lm_preset(model) if isinstance(model, str) else LMConfig.from_dict(model)
     train = data.get("train", {})
     base = lm_recipe(model, quick) if isinstance(model, str) and model in LM_RECIPES else TrainConfig()
-    overrides = TrainConfig.from_dict(train)  # validates the keys
-    return model_cfg, dataclasses.replace(base, **{k: getattr(overrides, k) for k in train})
+    return model_cfg, with_overrides(base, train)
 
 
 def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None = None, out: str | Path | None = None,
@@ -145,6 +135,8 @@ def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     ids = load_ids(train_cfg.data)  # fails early, before the LM is loaded
     model = lm if lm is not None else SeedLM.build(model_cfg, seed=train_cfg.seed)
+    if train_cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     dataset = LMData(model, ids, seed=train_cfg.seed, max_length=model_cfg.max_length)
     trainer = Trainer(train_cfg, model, LMTask(), dataset, out, progress=progress)
     if resume:

@@ -99,16 +99,22 @@ class Stage2:
 
     def loss(self, model, batch):
         model = _unwrap(model)
-        causal = batch.get("causal")
-        if causal is None:
+        causal, teacher = batch.get("causal"), batch.get("teacher")
+        if causal is None or teacher is None:
             with torch.no_grad():
-                causal = model.qformer(image_states(model, batch))
+                features = batch.get("features")
+                if features is None:
+                    features = model.vision.features(batch["pixels"])
+                if teacher is None:  # streamed batches: the "vision_pooled" teacher, from the same features
+                    teacher = features[:, 0]
+                if causal is None:
+                    causal = model.qformer(model.vision.normalize(features.to(model.dtype)))
         causal = causal.to(model.dtype)
         quantized = model.quantizer(causal)
         recon = model.detokenizer.reconstruct(quantized.codes)
         recon_loss = (1 - F.cosine_similarity(recon.float(), causal.float(), dim=-1)).mean()
         generation = model.detokenizer.generation_embeddings(quantized.codes)
-        gen_loss = F.mse_loss(generation.float(), batch["teacher"].float())
+        gen_loss = F.mse_loss(generation.float(), teacher.float())
         loss = VQ_WEIGHT * quantized.loss + RECON_WEIGHT * recon_loss + GEN_WEIGHT * gen_loss
         used = torch.unique(quantized.ids).numel() / model.codebook_size
         return loss, {"vq": quantized.loss.item(), "recon_cos": recon_loss.item(), "gen_mse": gen_loss.item(),
