@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.seedtok-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: setup test test-slow bench demo clean
+.PHONY: setup test test-slow test-distributed test-browser bench demo clean
 
 setup: $(STAMP)
 
@@ -29,16 +29,26 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# 2 processes on CPU (gloo) under torchrun; `make test` runs these too
+test-distributed: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m distributed
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenize.py
 	$(BIN)/python benchmarks/decode.py
 
-# Until the demo report lands: tokenize real photos that scikit-image ships with the bundled tiny model.
+# Every ability of the bundled tiny models on emoji-world scenes and scikit-image's photos -> $(DEMO_OUT)/index.html
 demo: $(STAMP)
-	@mkdir -p $(DEMO_OUT)
-	$(BIN)/seedtok tokenize --json --model tiny \
-	  $$($(BIN)/python -c "import os, skimage.data as d; p = os.path.dirname(d.__file__); print(' '.join(os.path.join(p, n) for n in ('astronaut.png', 'coffee.png', 'chelsea.png', 'rocket.jpg')))") \
-	  | tee $(DEMO_OUT)/ids.jsonl
+	$(BIN)/seedtok demo --out $(DEMO_OUT)
+
+# The page end to end in headless Chromium (Debian's chromium + chromium-driver, Selenium); saves
+# docs/screenshots/web.png. apt-get needs root: sudo is used when not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+test-browser: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	$(BIN)/python -c "import selenium" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[dev,browser]"
+	$(BIN)/python -m pytest -q -m browser tests/test_web_browser.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

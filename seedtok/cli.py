@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     from .cli_lm import add_lm_commands  # SeedLM verbs: caption, ask, draw, chat, extract-ids, train/eval lm, lm
 
     add_lm_commands(sub, stages, evals)
+    from .cli_web import add_web_commands  # demo (HTML report) and serve (web app)
+
+    add_web_commands(sub)
     return parser
 
 

@@ -20,3 +20,8 @@ class ConfigError(SeedtokError, ValueError):
 
 class IdsError(SeedtokError, ValueError):
     """Token ids are out of range, of the wrong count or not integers."""
+
+
+class UnavailableError(SeedtokError):
+    """An ability needs weights this install does not have (no image decoder, no LM); the message says which
+    and how to get them."""
