@@ -224,3 +224,20 @@ def test_tiny_encodes_in_bf16(photos):
     model.set_dtype("bf16")
     assert model.vision.model._bn0.running_mean.dtype == torch.bfloat16
     assert (model.encode(photos[:2]) == fp32).float().mean() > 0.5
+
+
+def test_a_freshly_built_tiny_backbone_is_in_inference_mode(photos):
+    """Regression: a new module starts in training mode, where EfficientNet's batch norms use batch statistics
+    and drop-connect is random; the frozen backbone must give from construction on the features that a loaded
+    model gives (training caches them before any mode switch)."""
+    from seedtok.config import preset
+
+    fresh = SeedTokenizer(preset("tiny"))
+    assert not any(m.training for m in fresh.vision.modules())
+    pixels = fresh.preprocess(photos[:2])
+    with torch.inference_mode():
+        both = fresh.vision.features(pixels)
+        alone = fresh.vision.features(pixels[:1])
+        loaded = SeedTokenizer.from_pretrained("tiny").vision.features(pixels)
+    torch.testing.assert_close(alone, both[:1], rtol=1e-4, atol=1e-4)  # no batch statistics
+    torch.testing.assert_close(both, loaded, rtol=1e-4, atol=1e-4)

@@ -124,4 +124,8 @@ def build_vision(cfg: VisionConfig) -> VisionEncoder:
     kinds = {"eva_vit": EvaViT, "efficientnet_lite0": EfficientNetLite0}
     if cfg.kind not in kinds:
         raise ValueError(f"unknown vision encoder kind {cfg.kind!r}")
-    return kinds[cfg.kind](cfg)
+    # Frozen, so always in inference mode -- from construction on, not only once .train()/.eval() is called:
+    # a module starts in training mode, where EfficientNet's batch norms use batch statistics and its
+    # drop-connect drops blocks at random, so features computed before any mode switch (the training feature
+    # caches) would differ from the ones inference sees.
+    return kinds[cfg.kind](cfg).eval()

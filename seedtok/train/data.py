@@ -28,7 +28,9 @@ from ..models.tokenizer import SeedTokenizer
 def _cache_key(model: SeedTokenizer, data_spec: str, what: str, extra: str = "") -> str:
     payload = json.dumps({"vision": model.config.vision.__dict__, "size": model.config.image_size,
                           "mean": model.config.image_mean, "std": model.config.image_std,
-                          "data": data_spec, "what": what, "extra": extra}, sort_keys=True, default=str)
+                          "data": data_spec, "what": what, "extra": extra,
+                          "backbone_mode": "eval"},  # caches from a training-mode backbone are stale
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -59,7 +59,8 @@ def _key(config: TokenizerConfig, data_spec: str, size: int) -> str:
     payload = json.dumps({"vision": dataclasses.asdict(config.vision), "size": config.image_size,
                           "mean": config.image_mean, "std": config.image_std, "resample": config.resample,
                           "seed": config.seed if not config.vision.pretrained else None,
-                          "data": data_spec, "pixels": size, "what": "decoder"}, sort_keys=True, default=str)
+                          "data": data_spec, "pixels": size, "what": "decoder",
+                          "backbone_mode": "eval"}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
