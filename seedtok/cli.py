@@ -298,19 +298,6 @@ def _load_with_decoder(args):
     return tokenizer
 
 
-def _parse_ids(text: str) -> list[int]:
-    from .errors import IdsError
-
-    parts = [p for p in text.replace(",", " ").strip().strip("[]").split() if p]
-    if not parts:
-        raise IdsError("no ids given (expected integers separated by commas or spaces)")
-    try:
-        return [int(p) for p in parts]
-    except ValueError:
-        bad = next(p for p in parts if not p.lstrip("+-").isdigit())
-        raise IdsError(f"ids must be integers separated by commas or spaces, got {bad!r}") from None
-
-
 def _save_png(image, path: Path) -> None:
     from .fileio import atomic_write
 
@@ -319,7 +306,9 @@ def _save_png(image, path: Path) -> None:
 
 
 def _detokenize(args) -> int:
-    ids = _parse_ids(args.ids)
+    from .models.tokenizer import parse_ids
+
+    ids = parse_ids(args.ids)
     tokenizer = _load(args)
     tokenizer.check_ids([ids])  # bad ids fail before the decoder loads
     tokenizer.image_decoder(args.image_decoder)

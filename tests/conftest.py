@@ -47,3 +47,13 @@ def reference_keys():
 
 def torch_seed(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread (micro diffusion models and servers: threads only add
+    overhead), restoring the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

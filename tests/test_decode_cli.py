@@ -16,12 +16,7 @@ from seedtok.errors import CheckpointError, IdsError  # noqa: E402
 from seedtok.models.image_decoder import TinyDecoder  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: threads only add overhead
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,7 @@ from test_lm import lm_config, make_base  # noqa: E402
 ABILITIES = ("tokenize", "detokenize", "reconstruct", "caption", "ask", "draw")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: threads only add overhead
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

@@ -395,3 +395,16 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {path} as safetensors (truncated or not safetensors?): {exc}") from None
+
+
+def parse_ids(text: str) -> list[int]:
+    """Ids typed as text -- ``"3,17,..."``, ``"3 17 ..."`` or ``"[3, 17, ...]"`` -- as ints; an IdsError
+    naming the first bad part otherwise (range and count are checked by `SeedTokenizer.check_ids`)."""
+    parts = [p for p in text.replace(",", " ").strip().strip("[]").split() if p]
+    if not parts:
+        raise IdsError("no ids given (expected integers separated by commas or spaces)")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        bad = next(p for p in parts if not p.lstrip("+-").isdigit())
+        raise IdsError(f"ids must be integers separated by commas or spaces, got {bad!r}") from None

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import ConfigError, IdsError, ImageError, SeedtokError, UnavailableError
+from ..models.tokenizer import parse_ids
 from .engine import MAX_PIXELS, MAX_TEXT, Engine, ImageTooLargeError, image_from_bytes
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -137,17 +138,6 @@ def data_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def parse_ids(text: str) -> list[int]:
-    """"3,17,..." / "3 17 ..." / "[3, 17, ...]" -> ints (an IdsError otherwise)."""
-    parts = [p for p in text.replace(",", " ").strip().strip("[]").split() if p]
-    if not parts:
-        raise IdsError("no ids given (expected integers separated by commas or spaces)")
-    try:
-        return [int(p) for p in parts]
-    except ValueError:
-        raise IdsError("ids must be integers separated by commas or spaces") from None
 
 
 # ------------------------------------------------------------------------------------------------ the app
