@@ -4,6 +4,7 @@ interruption never leaves a half-written file under the real name."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -27,3 +28,20 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> N
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     atomic_write(target, lambda p: Path(p).write_text(text))
+
+
+def atomic_write_folder(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp_folder)`` fills a fresh folder beside ``target``; it then replaces ``target`` whole, so a
+    reader never sees a half-written folder; on error the temporary folder is removed."""
+    target = Path(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

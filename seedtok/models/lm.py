@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import LM_PRESETS, LMConfig, lm_preset, resolve_dtype
 from ..errors import CheckpointError, ConfigError, IdsError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, atomic_write_folder
 
 IMG_BEGIN = "<img>"
 IMG_END = "</img>"
@@ -406,22 +406,14 @@ class SeedLM(nn.Module):
     def save_merged(self, folder: str | os.PathLike) -> Path:
         """Fold the adapter in and write a transformers folder (+ tokenizer + ``seedlm.json``), loadable by
         `from_pretrained` and by plain transformers."""
-        folder = Path(folder)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        def write(tmp: Path) -> None:
             self.merged().save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
             config = LMConfig.from_dict(self.config.to_dict())
             config.base, config.lora_r = ".", 0
             (tmp / MERGED_CONFIG_NAME).write_text(config.to_json())
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return folder
+
+        return atomic_write_folder(folder, write)
 
     # ------------------------------------------------------------------------------------------ properties
     @property

@@ -275,11 +275,9 @@ class SeedTokenizer(nn.Module):
                 and source.resolve() != target.resolve():
             import shutil
 
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(source, tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            from ..fileio import atomic_write_folder
+
+            atomic_write_folder(target, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = None,
