@@ -104,6 +104,13 @@ class QuantizerConfig:
     dead_code_restart: bool = False  # move codes whose usage EMA falls below a threshold onto batch latents
     usage_decay: float = 0.99
     dead_code_threshold: float = 1e-4  # share of a batch's tokens, as an EMA
+    # Named option (0 = off, the paper form): a fixed random offset per token position, scaled by each latent's
+    # RMS, added to the latent before the lookup (position dither). Latents that are alike at several positions
+    # then fall into different cells, so an image's 32 codes jointly pin its latent down far more finely than
+    # one repeated code. Active in training and inference alike (it is part of the mapping); the offsets are a
+    # buffer, drawn from ``dither_seed``.
+    position_dither: float = 0.0
+    dither_seed: int = 0
 
 
 @dataclass
@@ -220,8 +227,11 @@ def _tiny() -> TokenizerConfig:
                               encoder_width=1280, text_branch=True, vocab_size=30522, max_text_length=32,
                               text_tokenizer="minilm-l6", init_from="minilm-l6", frozen_text=True),
         # 1024 codes x 32: the world has ~1.1k emoji x 11 colours x positions; k-means init and dead-code
-        # restarts keep the small codebook in use (see README: usage and perplexity of the trained model)
-        quantizer=QuantizerConfig(codebook_size=1024, code_dim=32, kmeans_init=True, dead_code_restart=True),
+        # restarts keep the small codebook in use. Position dither 0.5: without it the 32 latents of an image
+        # took 1.4 distinct codes (code retrieval R@1 8.7 / 13.7 after 100 stage-2 steps); with 0.5, ~15
+        # distinct codes (27 / 43); 0.3 and 1.0 were worse (runs/exp, see README)
+        quantizer=QuantizerConfig(codebook_size=1024, code_dim=32, kmeans_init=True, dead_code_restart=True,
+                                  position_dither=0.5),
         detokenizer=DetokenizerConfig(kind="seed2", num_blocks=1, num_heads=6, image_down_dims=(128, 64, 16),
                                       generation_dim=1280, teacher="vision_pooled"),
         image_mean=(0.5, 0.5, 0.5), image_std=(128 / 255, 128 / 255, 128 / 255),  # EfficientNet-Lite's

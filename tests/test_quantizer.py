@@ -95,3 +95,32 @@ def test_dead_codes_move_onto_batch_latents():
     assert (w[1:].abs() < 1).all(), "dead codes should now sit on batch latents"
     assert moved >= 0 and q.usage.shape == (8,)
     assert "usage" in q.state_dict()  # carried by checkpoints and resumed runs
+
+
+def test_position_dither_spreads_alike_positions_over_codes_and_is_deterministic():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 1, 8).expand(3, 32, 8)  # every position of an image carries the same embedding
+    plain = VectorQuantizer(QuantizerConfig(codebook_size=64, code_dim=4), input_width=8)
+    with torch.no_grad():
+        plain.embedding.weight.normal_()
+    assert "dither" not in plain.state_dict()  # off: the paper form, nothing extra in checkpoints
+    assert all(len(row.unique()) == 1 for row in plain(hidden).ids)
+
+    dithered = VectorQuantizer(QuantizerConfig(codebook_size=64, code_dim=4, position_dither=1.0), input_width=8)
+    dithered.load_state_dict(plain.state_dict(), strict=False)
+    out = dithered(hidden)
+    assert all(len(row.unique()) > 4 for row in out.ids)
+    # the offset is the latent's RMS times a fixed per-position vector, so an image's ids do not depend on
+    # the rest of the batch, and a second quantizer from the same seed draws the same offsets
+    z = plain.encode_task_layer(hidden)
+    rms = z.pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(out.latents, z + rms * dithered.dither)
+    assert torch.equal(dithered(hidden[:1]).ids, out.ids[:1])
+    again = VectorQuantizer(QuantizerConfig(codebook_size=64, code_dim=4, position_dither=1.0), input_width=8)
+    assert torch.equal(again.dither, dithered.dither) and "dither" in dithered.state_dict()
+    assert preset_dither("seed2") == 0.0 and preset_dither("seed1") == 0.0
+
+
+def preset_dither(name):
+    from seedtok import preset
+    return preset(name).quantizer.position_dither

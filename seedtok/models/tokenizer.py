@@ -56,7 +56,7 @@ class SeedTokenizer(nn.Module):
             torch.manual_seed(config.seed)  # every build of a config gives the same random weights
             self.vision = build_vision(config.vision)
             self.qformer = QFormer(config.qformer)
-            self.quantizer = VectorQuantizer(config.quantizer, config.qformer.hidden_size)
+            self.quantizer = VectorQuantizer(config.quantizer, config.qformer.hidden_size, config.num_tokens)
             self.detokenizer = build_detokenizer(config.detokenizer, config.quantizer, config.num_tokens,
                                                  config.qformer.hidden_size)
         self.vision.requires_grad_(False)  # frozen in every stage

@@ -27,7 +27,8 @@ _TINY = {
     1: TrainConfig(steps=300, batch_size=128, lr=5e-4, min_lr=5e-5, warmup_steps=30, weight_decay=0.05,
                    grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=100,
                    log_every=10),
-    2: TrainConfig(steps=800, batch_size=128, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.05,
+    # stage 2: 1200 steps (800 before the position dither; the dithered codes keep improving past 800)
+    2: TrainConfig(steps=1200, batch_size=128, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.05,
                    grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=200,
                    log_every=20),
 }
