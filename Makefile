@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.seedtok-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: setup test test-slow test-distributed test-browser bench demo clean
+.PHONY: setup test test-slow test-distributed test-browser fuzz bench demo clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Property tests (hypothesis): FUZZ_EXAMPLES examples per property (default 500), each example at most 10 s
+FUZZ_EXAMPLES ?= 500
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m fuzz tests/test_fuzz.py
 
 # 2 processes on CPU (gloo) under torchrun; `make test` runs these too
 test-distributed: $(STAMP)

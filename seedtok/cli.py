@@ -18,17 +18,44 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .errors import SeedtokError
 
+    restore = _terminate_cleanly()
     try:
         return args.func(args) or 0
     except SeedtokError as exc:
         print(f"seedtok: error: {exc}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("seedtok: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("seedtok: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         print("seedtok: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
         return 1
+    finally:
+        restore()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks and atomic writes clean up (temporary
+    files and checkpoint folders are removed; finished files and checkpoints stay)."""
+
+
+def _terminate_cleanly():
+    """Turn SIGTERM into `_Terminated` while a verb runs; returns the function that restores the old handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:  # embedded with its own handler: leave it
+        return lambda: None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -321,6 +348,8 @@ def _detokenize(args) -> int:
 def _reconstruct(args) -> int:
     from .data.transforms import load_image
 
+    for path in args.images:  # every input readable before anything is written: no partial output folder
+        load_image(path)
     tokenizer = _load_with_decoder(args)
     stems = [Path(p).stem for p in args.images]
     unique = len(set(stems)) == len(stems)

@@ -10,6 +10,11 @@ class ImageError(SeedtokError, ValueError):
     """An image could not be read or converted (missing, corrupt, unsupported)."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image whose header claims more pixels than allowed (PIL's ``Image.MAX_IMAGE_PIXELS`` for files, the web
+    app's ``max_pixels`` for uploads): refused before its pixels are decoded (decompression-bomb guard)."""
+
+
 class CheckpointError(SeedtokError, ValueError):
     """A checkpoint is missing, of the wrong kind, or does not fit the model (shape mismatch)."""
 

@@ -28,8 +28,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ImageError, SeedtokError
-from .transforms import load_image, to_rgb
+from ..errors import ImageError, ImageTooLargeError, SeedtokError
+from .transforms import check_pixels, load_image, to_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has more than one image
 
@@ -55,6 +55,8 @@ def safe_relative_path(path: str, where: str) -> str:
     """
     if not isinstance(path, str) or not path.strip():
         raise DataError(f"{where}: image path must be a non-empty string, got {path!r}")
+    if "\x00" in path:
+        raise DataError(f"{where}: image path contains a NUL byte: {path!r}")
     posix = path.replace("\\", "/")
     if PurePosixPath(posix).is_absolute() or PureWindowsPath(path).is_absolute() or PureWindowsPath(path).drive:
         raise DataError(f"{where}: image path must be relative to the dataset root, got absolute {path!r}")
@@ -82,10 +84,17 @@ class CaptionFolder:
         if not self.captions_path.is_file():
             raise DataError(f"no {captions} in dataset folder {self.root}")
         self._entries: list[tuple[str, str, dict]] = []
-        with open(self.captions_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    self._entries.append(self._parse(line, lineno))
+        try:
+            data = self.captions_path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read {self.captions_path}: {exc.strerror or exc}") from None
+        for lineno, raw in enumerate(data.split(b"\n"), start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{self.captions_path} line {lineno}: not UTF-8 (byte {exc.start})") from None
+            if line.strip():
+                self._entries.append(self._parse(line, lineno))
 
     def _parse(self, line: str, lineno: int) -> tuple[str, str, dict]:
         where = f"{self.captions_path} line {lineno}"
@@ -93,6 +102,8 @@ class CaptionFolder:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{where}: invalid JSON (nested too deeply)") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         for key in ("image", "caption"):
@@ -193,12 +204,18 @@ def _split_key(name: str) -> tuple[str, str]:
 def decode_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
     """Encoded image bytes -> RGB PIL image; `ImageError` when they cannot be decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS: check_pixels raises instead of PIL warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
+            check_pixels(im, name)
             im.seek(0)
             im.load()
             image = im.copy()
+    except ImageError:
+        raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large (decompression bomb guard): {name}: {exc}") from None
+        raise ImageTooLargeError(f"image too large (decompression bomb guard): {name}: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or undecodable image: {name}: {exc}") from None
     return to_rgb(image)

@@ -9,6 +9,7 @@ PIL's resize), without depending on torchvision.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import ImageError
+from ..errors import ImageError, ImageTooLargeError
 
 ImageInput = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray | torch.Tensor
 
@@ -41,6 +42,8 @@ def load_image(image: ImageInput, background: tuple[int, int, int] | None = None
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    if image.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): scale to 8 bits (PIL would clip at 255)
+        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8), mode="L")
     if image.mode == "La":  # premultiplied alpha has no direct path to RGB/RGBA in Pillow
         image = image.convert("LA")
     if background is not None and _has_alpha(image):
@@ -75,16 +78,35 @@ def _open(path: Path) -> Image.Image:
     if path.is_dir():
         raise ImageError(f"expected an image file, got a directory: {path}")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS: check_pixels raises instead of PIL warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            check_pixels(im, path)  # from the header, before any pixel is decoded
             im.seek(0)  # animated images: first frame
             im.load()
             return im.copy()
+    except ImageError:
+        raise
     except UnidentifiedImageError:
         raise ImageError(f"not an image or unsupported format: {path}") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large (decompression bomb guard): {path}: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageTooLargeError(f"image too large (decompression bomb guard): {path}: {exc}") from None
+    except PermissionError as exc:
+        raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image: {path}: {exc}") from None
+
+
+def check_pixels(image: Image.Image, where: object = "image") -> None:
+    """Refuse an image whose header claims more than PIL's ``Image.MAX_IMAGE_PIXELS`` (its decompression-bomb
+    warning threshold; ``None`` turns the guard off): a one-line `ImageTooLargeError` instead of a warning
+    followed by a multi-GB allocation."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit and width * height > limit:
+        raise ImageTooLargeError(f"image too large: {where}: {width}x{height} pixels (at most {limit:,}; "
+                                 f"raise PIL.Image.MAX_IMAGE_PIXELS to allow more)")
 
 
 def _tensor_to_hwc(tensor: torch.Tensor) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -76,6 +77,27 @@ def prompt_format(name: str) -> PromptFormat:
 def image_span(ids: Iterable[int]) -> str:
     """Image ids -> their text form ``<img><img_00012>...</img>`` (SPEC §3)."""
     return IMG_BEGIN + "".join(IMG_TOKEN.format(int(i)) for i in ids) + IMG_END
+
+
+_SPAN_TOKEN = re.compile(r"<img_(\d{5}|[1-9]\d{5,})>")  # canonical: IMG_TOKEN.format(i)
+
+
+def parse_image_span(text: str) -> list[int]:
+    """The inverse of `image_span`: ``<img><img_00012>...</img>`` -> ``[12, ...]``. Anything else in the text
+    (a missing ``<img>`` / ``</img>``, stray characters between the tokens) is an `IdsError`."""
+    if not (isinstance(text, str) and text.startswith(IMG_BEGIN) and text.endswith(IMG_END)):
+        raise IdsError(f"not an image span (expected {IMG_BEGIN}<img_NNNNN>...{IMG_END}): {str(text)[:60]!r}")
+    body = text[len(IMG_BEGIN):len(text) - len(IMG_END)]
+    ids, pos = [], 0
+    for match in _SPAN_TOKEN.finditer(body):
+        if match.start() != pos:
+            break
+        ids.append(int(match.group(1)))
+        pos = match.end()
+    if pos != len(body):
+        raise IdsError(f"unexpected text in an image span at character {len(IMG_BEGIN) + pos}: "
+                       f"{body[pos:pos + 20]!r}")
+    return ids
 
 
 class Image_:  # noqa: N801 - a marker type, reads as "an image segment"
@@ -733,4 +755,4 @@ def _is_seedlm_config(path: Path) -> bool:
 
 __all__ = ["CAPTION_QUESTION", "IMG_BEGIN", "IMG_END", "IMG_TOKEN", "PROMPT_FORMATS", "LMConfig", "PromptFormat",
            "SeedLM", "converted_gguf", "extend_vocabulary", "image_span", "lm_preset", "lora_target_modules",
-           "prompt_format", "sample_next"]
+           "parse_image_span", "prompt_format", "sample_next"]

@@ -161,7 +161,14 @@ class SeedTokenizer(nn.Module):
     # ----------------------------------------------------------------------------------------- decode
     def check_ids(self, ids) -> torch.Tensor:
         """Validate ids: integers in [0, codebook_size), shape [B, num_tokens] (or [num_tokens])."""
-        ids = torch.as_tensor(ids)
+        if isinstance(ids, (str, bytes)):
+            raise IdsError(f"ids must be integers, got text {str(ids)[:40]!r} (see parse_ids)")
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # ragged rows, strings, huge ints
+            raise IdsError(f"ids must be a [B, {self.num_tokens}] array of integers: {exc}") from None
+        if ids.numel() == 0 and ids.dtype.is_floating_point:
+            ids = ids.long()  # torch.as_tensor([]) is float: an empty list is a count error, not a type error
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise IdsError(f"ids must be integers, got dtype {ids.dtype}")
         if ids.ndim == 1:
@@ -291,7 +298,7 @@ class SeedTokenizer(nn.Module):
                 raise CheckpointError(f"the {name_or_path!r} weights are not in this install ({path}); train them "
                                       f"with `seedtok train tokenizer --stage 1` then `--stage 2`")
         if (path / CONFIG_NAME).is_file():
-            config = TokenizerConfig.from_json_file(path / CONFIG_NAME)
+            config = _read_config(path / CONFIG_NAME)
             state = _load_safetensors(path / WEIGHTS_NAME)
             model = cls.empty(config)
             model.load_state_dict_checked(state)
@@ -384,6 +391,19 @@ class SeedTokenizer(nn.Module):
 
 def _preview(keys: list[str], n: int = 3) -> str:
     return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
+
+
+def _read_config(path: Path) -> TokenizerConfig:
+    """A checkpoint's config.json; a file of the wrong shape (not an object, wrong value types) is a
+    CheckpointError, not a TypeError from deep inside the config classes."""
+    from ..errors import SeedtokError
+
+    try:
+        return TokenizerConfig.from_json_file(path)
+    except SeedtokError:
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path} is not a valid seedtok tokenizer config: {exc}") from None
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -268,7 +268,11 @@ class Trainer:
         if hasattr(model, "load_checkpoint"):  # a model with its own folder layout (the image decoder)
             model.load_checkpoint(folder / "model")
         else:
-            model.load_state_dict_checked(load_file(str(folder / "model" / "model.safetensors")))
+            try:
+                weights = load_file(str(folder / "model" / "model.safetensors"))
+            except Exception as exc:  # noqa: BLE001 - a missing or truncated file is one clear error
+                raise CheckpointError(f"cannot read the weights of checkpoint {folder}: {exc}") from None
+            model.load_state_dict_checked(weights)
         try:
             state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable state is one clear error
@@ -321,11 +325,15 @@ class Trainer:
             state_dict = acc.get_state_dict(self.engine)  # collective: the full weights, on rank 0
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if state_dict is not None and hasattr(self.model, "save_pretrained_from"):
-                self.model.save_pretrained_from(state_dict, tmp / "model")
-            else:
-                self.model.save_pretrained(tmp / "model")
-            torch.save(self._state(), tmp / STATE_NAME)
+            try:
+                if state_dict is not None and hasattr(self.model, "save_pretrained_from"):
+                    self.model.save_pretrained_from(state_dict, tmp / "model")
+                else:
+                    self.model.save_pretrained(tmp / "model")
+                torch.save(self._state(), tmp / STATE_NAME)
+            except BaseException:  # interrupted (Ctrl-C, SIGTERM via the CLI) or failed: no half-written folder
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             atomic_write_text(self.out_dir / LATEST, final.name)

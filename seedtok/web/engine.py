@@ -20,13 +20,14 @@ from __future__ import annotations
 import io
 import sys
 import threading
+import warnings
 from typing import Callable, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..data.transforms import load_image, to_rgb
-from ..errors import ImageError, SeedtokError, UnavailableError
+from ..errors import ImageError, ImageTooLargeError, SeedtokError, UnavailableError  # noqa: F401 (re-exported)
 
 ABILITIES = ("tokenize", "detokenize", "reconstruct", "caption", "ask", "draw")
 # Image formats accepted from uploads: what a browser or a camera produces. Restricting PIL's decoders keeps
@@ -36,17 +37,16 @@ MAX_PIXELS = 40_000_000  # a 10 MB upload can still claim 2^30 pixels (decompres
 MAX_TEXT = 300  # characters of a question or prompt
 
 
-class ImageTooLargeError(ImageError):
-    """An image whose header claims more pixels than `MAX_PIXELS` (refused before it is decoded)."""
-
-
 def image_from_bytes(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Uploaded bytes -> an RGB PIL image, or a one-line `ImageError` (empty, not an image, an unsupported
     format, corrupt, too many pixels). The pixel count is read from the header and checked before decoding."""
     if not data:
         raise ImageError("the upload is empty")
     try:
-        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as im:
+        with warnings.catch_warnings():  # over PIL's MAX_IMAGE_PIXELS: refused below, no warning needed
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+        with im:
             width, height = im.size
             image = None
             if width * height <= max_pixels:
