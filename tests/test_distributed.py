@@ -3,6 +3,7 @@ cluster (there: more processes per node, more nodes, the paper configs). Marker 
 
 import io
 import json
+import math
 import os
 import socket
 import subprocess
@@ -29,15 +30,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, timeout=240) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 ARGS`` on CPU (one thread per process)."""
+def _launch(cmd, timeout) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*map(str, cmd)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+def torchrun(*args, timeout=240) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 ARGS`` on CPU (one thread per process)."""
+    return _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", _free_port(), *args], timeout)
+
+
+def accelerate_launch(config, *args, timeout=240) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG --num_processes 2 ARGS`` on CPU, fp32."""
+    return _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", ROOT / config,
+                    "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
+                    "--main_process_port", _free_port(), *args], timeout)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -116,6 +127,76 @@ def test_lm_stage_on_two_ranks_via_the_cli(tmp_path, micro):
     from seedtok.models.lm import SeedLM
 
     SeedLM.from_pretrained(tmp_path / "run" / "final")
+
+
+def _lm_stage_under_engine(tmp_path, micro, kind, config, *launch_args):
+    """configs/accelerate/CONFIG with the LM stage on 2 CPU processes. accelerate runs FSDP / DeepSpeed configs
+    on CPUs as plain data-parallel (the Trainer warns); the worker then puts accelerate's engine on the CPU
+    process group (distributed_worker.engine_on_cpu) to run the Trainer's engine path: wrapping the LoRA model,
+    the optimizer on the engine's parameters, gathered checkpoints, the engine state and --resume. Returns
+    each rank's result (tests/distributed_worker.py: engine_runs)."""
+    from seedtok.data.ids import extract_ids
+    from seedtok.models.lm import SeedLM
+    from test_lm import lm_config, make_base  # noqa: E402 - tests folder on sys.path
+
+    base = make_base("llama", tmp_path / "llama")
+    extract_ids(micro, open_source("emoji:train:16"), tmp_path / "ids", shard_size=8, progress=False)
+    model = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(lm_config(base)).items()}
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump({"model": model, "train": {
+        "steps": 4, "batch_size": 4, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1, "weight_decay": 0.0,
+        "betas": [0.9, 0.95], "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
+        "mixed_precision": "no", "gradient_checkpointing": True}}))  # as configs/seed-llama-8b-lm.yaml
+    accelerate_launch(f"configs/accelerate/{config}", *launch_args, "tests/distributed_worker.py", kind, tmp_path)
+    results = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert all(run["exit"] == 0 for run in result.values())
+        ddp = result["ddp"]
+        assert ddp["distributed_type"] == "DistributedType.MULTI_CPU" and ddp["fsdp_units"] == 0 and ddp["warnings"]
+        for name in (kind, "resumed"):
+            assert result[name]["distributed_type"] == f"DistributedType.{kind.upper()}", result[name]
+            assert not result[name]["warnings"]
+    logs = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+            for name in ("ddp", kind, "resumed")}
+    engine = logs[kind]
+    assert [r["step"] for r in engine] == [1, 2, 3, 4] and engine[-1]["samples_seen"] == 32
+    assert all(math.isfinite(r["loss"]) for r in engine) and engine[-1]["loss"] < engine[0]["loss"]
+    # the engine trains as the data-parallel path does: the same loss at every step, the same weights
+    assert all(abs(a["loss"] - b["loss"]) < 1e-4 for a, b in zip(engine, logs["ddp"])), (engine, logs["ddp"])
+    run = tmp_path / kind
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt-0000002", "ckpt-0000004", "final", "latest", "log.jsonl"]
+    assert (run / "ckpt-0000004" / "engine").is_dir()
+    final = load_file(str(run / "final" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    assert final.keys() == reference.keys()
+    for key, value in final.items():  # gathered whole (not rank 0's shard), as trained
+        assert value.shape == reference[key].shape and torch.allclose(value, reference[key], atol=1e-4), key
+        assert torch.equal(value, load_file(str(run / "ckpt-0000004" / "model" / "model.safetensors"))[key])
+    middle = load_file(str(run / "ckpt-0000002" / "model" / "model.safetensors"))
+    assert any(not torch.equal(middle[k], final[k]) for k in final)
+    loaded = SeedLM.from_pretrained(run / "final")
+    assert all(torch.equal(v, final[k]) for k, v in loaded.stored_state_dict().items())
+    # --resume from step 2 (the engine's weights, optimizer, scheduler) continues as if never stopped
+    resumed = logs["resumed"]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and resumed[-1]["samples_seen"] == 32
+    assert all(abs(a["loss"] - b["loss"]) < 1e-6 for a, b in zip(resumed[2:], engine[2:])), (resumed, engine)
+    again = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert all(torch.allclose(again[k], final[k], atol=1e-6) for k in final)
+    return results
+
+
+def test_lm_stage_under_fsdp_on_two_ranks(tmp_path, micro):
+    # sync_module_states needs an accelerator device; both ranks build the same seeded weights anyway
+    results = _lm_stage_under_engine(tmp_path, micro, "fsdp", "fsdp.yaml", "--fsdp_sync_module_states", "false")
+    for result in results:  # fsdp.yaml's policy: the root and one unit per LlamaDecoderLayer
+        assert all(result[n]["engine"] == "FullyShardedDataParallel" for n in ("fsdp", "resumed"))
+        assert result["fsdp"]["fsdp_units"] == result["resumed"]["fsdp_units"] == 3
+
+
+def test_lm_stage_under_deepspeed_zero2_on_two_ranks(tmp_path, micro):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not a dependency: pip install deepspeed")
+    results = _lm_stage_under_engine(tmp_path, micro, "deepspeed", "deepspeed-zero2.yaml")
+    for result in results:
+        assert all(result[n]["engine"] == "DeepSpeedEngine" for n in ("deepspeed", "resumed"))
 
 
 def test_extract_ids_on_two_ranks_matches_one_process(tmp_path, micro):

@@ -376,33 +376,27 @@ class SeedLM(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         """``config.json`` (LMConfig) + ``model.safetensors`` (adapter + new rows), each written atomically.
         Reloading rebuilds the base, extends its vocabulary the same way, then fills these tensors."""
+        cast = resolve_dtype(dtype) if dtype else None
+        return self._write(folder, {k: (v.to(cast) if cast else v) for k, v in self.stored_state_dict().items()})
+
+    def save_pretrained_from(self, state_dict: dict[str, torch.Tensor], folder: str | os.PathLike) -> Path:
+        """`save_pretrained` with the weights taken from ``state_dict`` (this module's full state dict, as
+        FSDP / DeepSpeed gather it). The module itself is not read: under FSDP its parameters are shards and
+        its wrapped submodules are renamed (``..._fsdp_wrapped_module...``)."""
+        missing = [n for n in self._stored if f"model.{n}" not in state_dict]
+        if missing:
+            raise CheckpointError(f"the gathered state dict lacks {len(missing)} stored keys, e.g. {missing[:3]}")
+        return self._write(folder, {n: state_dict[f"model.{n}"] for n in self._stored})
+
+    def _write(self, folder: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        cast = resolve_dtype(dtype) if dtype else None
-        tensors = {k: (v.to(cast) if cast else v).detach().contiguous().cpu()
-                   for k, v in self.stored_state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
         return folder
-
-    def save_pretrained_from(self, state_dict: dict[str, torch.Tensor], folder: str | os.PathLike) -> Path:
-        """`save_pretrained` with the weights taken from ``state_dict`` (this module's full state dict, as
-        FSDP / DeepSpeed gather it; its own parameters may be shards)."""
-        missing = [n for n in self._stored if f"model.{n}" not in state_dict]
-        if missing:
-            raise CheckpointError(f"the gathered state dict lacks {len(missing)} stored keys, e.g. {missing[:3]}")
-        with torch.no_grad():
-            own = self.stored_state_dict()
-            saved = {n: own[n].detach().clone() for n in self._stored}
-            try:
-                for n in self._stored:
-                    own[n].data = state_dict[f"model.{n}"].detach().to(own[n].dtype).cpu()
-                return self.save_pretrained(folder)
-            finally:
-                for n in self._stored:
-                    own[n].data = saved[n]
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the base model's activations in backward (non-reentrant: works with frozen inputs and

@@ -220,6 +220,12 @@ class Trainer:
         # FSDP / DeepSpeed own the model (sharding, their own gradient reduction); only tasks whose whole
         # forward is model(...) can be wrapped. Everything else trains as below.
         self.wrapped = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        asked = [n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"]
+        if asked and not self.wrapped:  # accelerate turns FSDP / DeepSpeed on for accelerator devices only
+            import warnings
+
+            warnings.warn(f"the launch config asks for {asked[0]}, but accelerate runs {acc.distributed_type} on "
+                          f"{acc.device}: training data-parallel instead", stacklevel=2)
         if self.wrapped and not getattr(task, "wraps_model", False):
             raise ConfigError(f"{type(task).__name__} trains data-parallel only (its loss calls parts of the "
                               f"model); launch it with configs/accelerate/ddp.yaml, not {acc.distributed_type}")
@@ -244,7 +250,10 @@ class Trainer:
             # no DataLoader is prepared (the Trainer draws its own batches), so DeepSpeed learns the
             # per-GPU batch here instead
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
-            optimizer = torch.optim.AdamW(parameter_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+            # DeepSpeed drops empty parameter groups from the optimizer; the scheduler, made before, would keep
+            # one lr per group and fail at its first step (e.g. LoRA + new rows: no <2-d parameter trains)
+            groups = [g for g in parameter_groups(named, cfg.weight_decay) if g["params"]]
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             self.engine, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
         self.trainable = [p for _, p in named]
@@ -265,7 +274,9 @@ class Trainer:
         from safetensors.torch import load_file
 
         model = self.model
-        if hasattr(model, "load_checkpoint"):  # a model with its own folder layout (the image decoder)
+        if self.wrapped:  # the weights come with the engine state below (FSDP: the module is sharded)
+            pass
+        elif hasattr(model, "load_checkpoint"):  # a model with its own folder layout (the image decoder)
             model.load_checkpoint(folder / "model")
         else:
             try:
@@ -277,7 +288,7 @@ class Trainer:
             state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable state is one clear error
             raise CheckpointError(f"cannot read trainer state in {folder}: {exc}") from None
-        if self.wrapped:  # the engine's own (possibly sharded) optimizer state, written by every rank
+        if self.wrapped:  # the engine's own model, optimizer and scheduler state, written by every rank
             self.accelerator.load_state(str(folder / "engine"))
         else:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -341,6 +352,18 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()  # no rank runs ahead (and e.g. resumes) before the checkpoint is complete
         return final if acc.is_main_process else None
+
+    def save_model(self, folder: str | os.PathLike) -> None:
+        """The trained weights as ``model.save_pretrained`` writes them, on rank 0. Collective: under FSDP /
+        DeepSpeed every rank takes part in gathering the full weights."""
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(self.engine) if self.wrapped else None
+        if acc.is_main_process:
+            if state_dict is not None and hasattr(self.model, "save_pretrained_from"):
+                self.model.save_pretrained_from(state_dict, folder)
+            else:
+                self.model.save_pretrained(folder)
+        acc.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------ collectives
     def _broadcast(self, params) -> None:
