@@ -30,17 +30,28 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     atomic_write(target, lambda p: Path(p).write_text(text))
 
 
-def atomic_write_folder(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """``write(tmp_folder)`` fills a fresh folder beside ``target``; it then replaces ``target`` whole, so a
-    reader never sees a half-written folder; on error the temporary folder is removed."""
+def atomic_write_folder(target: str | os.PathLike, write: Callable[[Path], object],
+                        keep_existing: Callable[[Path], bool] | None = None) -> Path:
+    """``write(tmp_folder)`` fills a fresh folder beside ``target``; it then replaces ``target`` whole (the old
+    folder is renamed away first, then deleted), so a reader never sees a half-written folder; on error the
+    temporary folder is removed. ``keep_existing(target)``, checked after writing: True keeps ``target`` as it
+    is (e.g. another process finished the same folder first) and drops the new one."""
     target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-        shutil.rmtree(target, ignore_errors=True)
+        if keep_existing is not None and keep_existing(target):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
         os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

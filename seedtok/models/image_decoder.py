@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +40,7 @@ import torch
 
 from ..config import resolve_dtype
 from ..errors import CheckpointError, ConfigError, SeedtokError
+from ..fileio import atomic_write_folder
 
 
 class DecodeInputError(SeedtokError, ValueError):
@@ -660,18 +660,7 @@ class TinyDecoder(ImageDecoder):
                                           **{k: self.pipeline.config[k] for k in
                                              ("guidance_scale", "num_inference_steps", "cond_dropout",
                                               "patch_size")})
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():  # replace the whole folder in one rename (no mix of old and new files)
-            old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, folder)
-        return folder
+        return atomic_write_folder(folder, lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
 
     def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type):
         latents = latents * self.pipeline.scheduler.init_noise_sigma  # 1 for DDIM; unit-variance noise given

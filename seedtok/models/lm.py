@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -138,22 +137,14 @@ def converted_gguf(name: str, progress: bool = True) -> Path:
     model.hf_quantizer = None
     model.is_quantized = False
     model.config.quantization_config = None
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / ".complete").write_text(gguf.name)
-        if (folder / ".complete").is_file():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    # another process may have finished the same conversion first: keep its folder
+    return atomic_write_folder(folder, write, keep_existing=lambda f: (f / ".complete").is_file())
 
 
 def base_folder(spec: str, relative_to: Path | None = None) -> Path:
