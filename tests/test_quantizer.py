@@ -1,7 +1,9 @@
+import dataclasses
+
 import pytest
 import torch
 
-from seedtok.config import QuantizerConfig
+from seedtok.config import QuantizerConfig, preset
 from seedtok.models.quantizer import VectorQuantizer, vq_loss
 
 
@@ -124,3 +126,36 @@ def test_position_dither_spreads_alike_positions_over_codes_and_is_deterministic
 def preset_dither(name):
     from seedtok import preset
     return preset(name).quantizer.position_dither
+
+
+def test_position_rotation_gives_each_position_its_own_rotated_codebook():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 1, 8).expand(3, 32, 8)  # every position of an image carries the same embedding
+    cfg = QuantizerConfig(codebook_size=64, code_dim=4, position_rotation=True)
+    rotated = VectorQuantizer(cfg, input_width=8)
+    with torch.no_grad():
+        rotated.embedding.weight.normal_()
+    plain = VectorQuantizer(QuantizerConfig(codebook_size=64, code_dim=4), input_width=8)
+    plain.load_state_dict(rotated.state_dict())  # the rotations are not in checkpoints: rebuilt from the seed
+    assert all(len(row.unique()) == 1 for row in plain(hidden).ids)
+    out = rotated(hidden)
+    assert all(len(row.unique()) > 4 for row in out.ids)  # the alike positions fall into different cells
+
+    rot = rotated.rotation
+    assert rot.shape == (32, 4, 4) and rot.dtype == torch.float32
+    torch.testing.assert_close(rot @ rot.transpose(1, 2), torch.eye(4).expand(32, 4, 4), atol=1e-6, rtol=0)
+    assert not torch.allclose(rot[0], rot[1])
+    # position k looks z R_k up, and hands the de-tokenizer e R_k^T: codes_for(ids) is that, and the
+    # straight-through codes equal it in value
+    z = plain.encode_task_layer(hidden)
+    torch.testing.assert_close(out.latents, torch.einsum("bnd,nde->bne", z, rot))
+    expected = torch.einsum("bne,nde->bnd", rotated.embedding(out.ids), rot)
+    torch.testing.assert_close(rotated.codes_for(out.ids), expected)
+    torch.testing.assert_close(out.codes, expected, atol=1e-6, rtol=0)
+    # ids do not depend on the batch; the same seed draws the same rotations, another seed others
+    assert torch.equal(rotated(hidden[:1]).ids, out.ids[:1])
+    assert torch.equal(VectorQuantizer(cfg, input_width=8).rotation, rot)
+    other = dataclasses.replace(cfg, rotation_seed=1)
+    assert not torch.allclose(VectorQuantizer(other, input_width=8).rotation, rot)
+    assert preset("seed2").quantizer.position_rotation is False
+    assert preset("seed1").quantizer.position_rotation is False

@@ -27,6 +27,24 @@ def test_save_load_round_trip_is_bit_exact(micro, photos, tmp_path):
     assert torch.equal(loaded.decode_embeddings(ids), micro.decode_embeddings(ids))
 
 
+def test_position_rotation_survives_save_and_load(photos, tmp_path):
+    # the rotations are not stored (rebuilt from the seed): a loaded model, built on the meta device and
+    # filled from the file, must rebuild them, or every image collapses onto one code
+    import dataclasses
+
+    from seedtok.config import preset
+
+    config = preset("micro")
+    config = dataclasses.replace(config, quantizer=dataclasses.replace(config.quantizer, position_rotation=True))
+    model = SeedTokenizer(config).eval()
+    model.save_pretrained(tmp_path / "rot", dtype="fp16")
+    loaded = SeedTokenizer.from_pretrained(tmp_path / "rot")
+    assert torch.equal(loaded.quantizer.rotation, model.quantizer.rotation)
+    model = SeedTokenizer.from_pretrained(tmp_path / "rot")  # both now hold the fp16-rounded weights
+    assert torch.equal(loaded.encode(photos), model.encode(photos))
+    assert len(loaded.encode(photos).unique()) > 4
+
+
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA", "I", "F", "I;16", "LAB", "HSV", "RGBX", "La"]
 
 

@@ -9,7 +9,7 @@ from seedtok.data.sources import open_source
 from seedtok.train import train_tokenizer
 from seedtok.train.data import TokenizerData
 from seedtok.train.loop import BatchOrder, TrainConfig, Trainer, lr_factor, parameter_groups
-from seedtok.train.tokenizer import Stage1, Stage2, contrastive_loss
+from seedtok.train.tokenizer import Stage1, Stage2, contrastive_loss, image_states
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +160,31 @@ def test_config_file_overrides_the_recipe(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"model": "micro", "train": {"stepz": 3}}))
     with pytest.raises(ConfigError, match="stepz"):
         load_run_config(str(tmp_path / "bad.json"), 1)
+
+
+def test_stage2_named_loss_additions_add_exactly_their_terms(samples):
+    model = SeedTokenizer(preset("micro")).eval()  # eval: no dropout, and the quantizer's training-only
+    data = TokenizerData(model, samples, 2, "x", progress=False)  # options stay off, so terms compare exactly
+    batch = data.batch(list(range(8)))
+    with torch.no_grad():
+        base, logs = Stage2().loss(model, batch)
+        both, more = Stage2(retrieval_weight=1.5, last_query_weight=2.0).loss(model, batch)
+        causal = model.qformer(image_states(model, batch))
+        recon = model.detokenizer.reconstruct(model.quantizer(causal).codes)
+        qf = model.qformer
+        retrieval = contrastive_loss(qf.image_features(recon), qf.image_features(causal), qf.temp)
+        last = (1 - torch.nn.functional.cosine_similarity(recon[:, -1], causal[:, -1], dim=-1)).mean()
+    assert "retrieval" not in logs and "last_cos" not in logs
+    torch.testing.assert_close(torch.tensor(more["retrieval"]), retrieval)
+    torch.testing.assert_close(torch.tensor(more["last_cos"]), last)
+    torch.testing.assert_close(both, base + 1.5 * retrieval + 2.0 * last)
+    # the paper recipes keep the paper's loss; the tiny recipe uses both additions
+    from seedtok.train.recipes import recipe
+    assert recipe("seed2", 2).retrieval_weight == 0 and recipe("seed2", 2).last_query_weight == 0
+    assert recipe("tiny", 2).retrieval_weight > 0 and recipe("tiny", 2).last_query_weight > 0
+
+
+def test_stage2_step_with_the_loss_additions_lowers_the_loss(samples):
+    model = SeedTokenizer(preset("micro"))
+    _step_lowers_loss(Stage2(retrieval_weight=1.0, last_query_weight=2.0), model,
+                      TokenizerData(model, samples, 2, "x", progress=False))

@@ -13,7 +13,9 @@ buffers, so checkpoints and resumed runs carry it. A third, ``position_dither``,
 to the latent before the lookup. Without it, causal embeddings that are alike across positions give one code
 repeated 32 times (measured on the tiny preset: 1.4 distinct ids per image); with it, the positions fall into
 different cells of the same codebook (subtractive dither), and the codes of an image jointly carry far more
-of its latent.
+of its latent. A fourth, ``position_rotation``, also changes the mapping: position k looks ``z R_k`` up (a
+fixed random rotation per position, i.e. its own rotated copy of the codebook) and hands the de-tokenizer the
+code rotated back, ``e R_k^T``; alike latents then get independent quantisation errors at every position.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from ..config import QuantizerConfig
 @dataclass
 class QuantizerOutput:
     ids: torch.Tensor  # [B, N] long
-    codes: torch.Tensor  # [B, N, code_dim]: z + sg(z_q - z), equal to the codebook vectors in value
+    # [B, N, code_dim]: z + sg(z_q - z), equal to the codebook vectors in value (rotated back to the common
+    # space under ``position_rotation``)
+    codes: torch.Tensor
     latents: torch.Tensor  # [B, N, code_dim]: z, before quantisation
     loss: torch.Tensor  # scalar VQ loss
 
@@ -49,6 +53,18 @@ class VectorQuantizer(nn.Module):
         if cfg.position_dither:
             generator = torch.Generator().manual_seed(cfg.dither_seed)
             self.register_buffer("dither", torch.randn(num_tokens, cfg.code_dim, generator=generator))
+        if cfg.position_rotation:
+            # not stored in checkpoints: rebuilt exactly (fp32) from the seed, so an fp16 bundle cannot perturb it
+            self.register_buffer("rotation", torch.empty(num_tokens, cfg.code_dim, cfg.code_dim), persistent=False)
+        self.init_fixed_buffers()
+
+    @torch.no_grad()
+    def init_fixed_buffers(self) -> None:
+        """(Re)compute the buffers that are functions of the config, not of training (the position rotations);
+        a model built on the meta device and then filled from a checkpoint must call this."""
+        if self.config.position_rotation:
+            num_tokens, dim = self.rotation.shape[:2]
+            self.rotation = random_rotations(num_tokens, dim, self.config.rotation_seed).to(self.rotation.device)
 
     def lookup(self, latents: torch.Tensor) -> torch.Tensor:
         """Nearest code ids [..., ] for latents [..., code_dim], by squared L2 in taming's form, in fp32."""
@@ -59,8 +75,11 @@ class VectorQuantizer(nn.Module):
         return distances.argmin(dim=1).view(latents.shape[:-1])
 
     def latents(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The latents [B, N, code_dim] whose nearest codes are the ids (dithered by position when enabled)."""
+        """The latents [B, N, code_dim] whose nearest codes are the ids (rotated and dithered by position when
+        enabled)."""
         z = self.encode_task_layer(hidden)
+        if self.config.position_rotation:
+            z = torch.einsum("...nd,nde->...ne", z, self.rotation[: z.shape[-2]].to(z.dtype))
         if self.config.position_dither:
             rms = z.detach().float().pow(2).mean(dim=-1, keepdim=True).sqrt()
             z = z + (self.config.position_dither * rms * self.dither[: z.shape[-2]]).to(z.dtype)
@@ -75,8 +94,15 @@ class VectorQuantizer(nn.Module):
             self.restart_dead_codes_(z.detach().reshape(-1, z.shape[-1]), ids.flatten())
         z_q = self.embedding(ids).to(z.dtype)
         loss = vq_loss(z, z_q, self.config.beta)
-        codes = z + (z_q - z).detach()  # straight-through estimator
+        codes = self.unrotate(z + (z_q - z).detach())  # straight-through estimator
         return QuantizerOutput(ids=ids, codes=codes, latents=z, loss=loss)
+
+    def unrotate(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, N, code_dim] from the positions' lookup spaces back to the one space the de-tokenizer reads
+        (the identity unless ``position_rotation``)."""
+        if not self.config.position_rotation:
+            return codes
+        return torch.einsum("...ne,nde->...nd", codes, self.rotation[: codes.shape[-2]].to(codes.dtype))
 
     @torch.no_grad()
     def kmeans_init_(self, latents: torch.Tensor, iters: int = 10) -> None:
@@ -109,8 +135,18 @@ class VectorQuantizer(nn.Module):
         return int(dead.numel())
 
     def codes_for(self, ids: torch.Tensor) -> torch.Tensor:
-        """Codebook vectors [B, N, code_dim] for ids [B, N]."""
-        return self.embedding(ids)
+        """The de-tokenizer's input [B, N, code_dim] for ids [B, N]: their codebook vectors (rotated back to the
+        common space under ``position_rotation``)."""
+        return self.unrotate(self.embedding(ids))
+
+
+def random_rotations(count: int, dim: int, seed: int) -> torch.Tensor:
+    """``count`` random orthogonal [dim, dim] matrices (QR of Gaussian matrices, signs fixed so the draw is
+    unique), reproducible from ``seed`` on any machine."""
+    generator = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(count, dim, dim, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    return q.float()
 
 
 def vq_loss(z: torch.Tensor, z_q: torch.Tensor, beta: float) -> torch.Tensor:

@@ -94,7 +94,8 @@ def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quic
                                  cache_dir=out.parent / "cache", cache_features=train_cfg.cache_features,
                                  augment=train_cfg.augment, seed=train_cfg.seed,
                                  progress=progress and state.is_main_process)
-    trainer = Trainer(train_cfg, model, Stage1() if stage == 1 else Stage2(), data, out,
+    task = Stage1() if stage == 1 else Stage2(train_cfg.retrieval_weight, train_cfg.last_query_weight)
+    trainer = Trainer(train_cfg, model, task, data, out,
                       progress=progress and state.is_main_process)
     if resume:
         trainer.resume()

@@ -64,6 +64,9 @@ class TrainConfig:
     resampled: bool = True  # draw shards with replacement per (rank, worker): no epoch boundaries
     num_workers: int = 0  # DataLoader worker processes decoding the stream, per rank
     gradient_checkpointing: bool = False  # LM stage: recompute activations in backward (memory for time)
+    # tokenizer stage 2's named loss additions (seedtok.train.tokenizer), 0 = the paper's loss
+    retrieval_weight: float = 0.0
+    last_query_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

@@ -8,7 +8,11 @@ and ``ln_vision``.
 
 Stage 2 (codebook and de-tokenizer): Q-Former, queries and ViT frozen. Loss = 5 * VQ + 2 * (1 - cos)
 between reconstructed and true causal embeddings (per token, averaged) + 0.5 * MSE between the generation
-embedding and the teacher's.
+embedding and the teacher's. Two named additions, 0 (off) in the paper recipes: ``retrieval_weight`` x the
+stage-1 contrastive loss between the reconstructed and the true last query's contrastive features (the true
+ones detached, the frozen Q-Former's temperature): it asks the reconstruction to keep what tells images apart,
+not only to point the same way; ``last_query_weight`` x an extra (1 - cos) on the last query, the one that
+retrieval (and the paper's code-retrieval table) reads.
 """
 
 from __future__ import annotations
@@ -85,7 +89,12 @@ class Stage1:
 
 
 class Stage2:
-    """Codebook + de-tokenizer training against frozen causal embeddings and a generation teacher."""
+    """Codebook + de-tokenizer training against frozen causal embeddings and a generation teacher; the two
+    weights are the named loss additions of the module docstring (0: the paper's loss)."""
+
+    def __init__(self, retrieval_weight: float = 0.0, last_query_weight: float = 0.0):
+        self.retrieval_weight = float(retrieval_weight)
+        self.last_query_weight = float(last_query_weight)
 
     def train_mode(self, model):
         model = _unwrap(model)
@@ -117,5 +126,20 @@ class Stage2:
         gen_loss = F.mse_loss(generation.float(), teacher.float())
         loss = VQ_WEIGHT * quantized.loss + RECON_WEIGHT * recon_loss + GEN_WEIGHT * gen_loss
         used = torch.unique(quantized.ids).numel() / model.codebook_size
-        return loss, {"vq": quantized.loss.item(), "recon_cos": recon_loss.item(), "gen_mse": gen_loss.item(),
-                      "batch_code_usage": used}
+        logs = {"vq": quantized.loss.item(), "recon_cos": recon_loss.item(), "gen_mse": gen_loss.item(),
+                "batch_code_usage": used}
+        if self.retrieval_weight:
+            import torch.distributed as dist
+
+            qformer = model.qformer
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            with torch.no_grad():
+                target = qformer.image_features(causal)
+            retrieval = contrastive_loss(qformer.image_features(recon), target, qformer.temp.detach(), rank)
+            loss = loss + self.retrieval_weight * retrieval
+            logs["retrieval"] = retrieval.item()
+        if self.last_query_weight:
+            last = (1 - F.cosine_similarity(recon[:, -1].float(), causal[:, -1].float(), dim=-1)).mean()
+            loss = loss + self.last_query_weight * last
+            logs["last_cos"] = last.item()
+        return loss, logs
