@@ -343,7 +343,9 @@ class SeedTokenizer(nn.Module):
         with torch.no_grad():
             for tensor in model.state_dict().values():
                 tensor.zero_()
-        model.quantizer.init_fixed_buffers()  # not in checkpoints: derived from the config
+        for module in model.modules():  # buffers not in checkpoints, derived from the config
+            if hasattr(module, "init_fixed_buffers"):
+                module.init_fixed_buffers()
         if config.vision.pretrained:
             model.vision.load_pretrained()
         model._load_frozen_text()

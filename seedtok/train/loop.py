@@ -277,11 +277,10 @@ class Trainer:
         from safetensors.torch import load_file
 
         model = self.model
-        if self.wrapped:  # the weights come with the engine state below (FSDP: the module is sharded)
-            pass
-        elif hasattr(model, "load_checkpoint"):  # a model with its own folder layout (the image decoder)
+        # wrapped: the weights come with the engine state below (FSDP: the module is sharded)
+        if not self.wrapped and hasattr(model, "load_checkpoint"):  # own folder layout (the image decoder)
             model.load_checkpoint(folder / "model")
-        else:
+        elif not self.wrapped:
             try:
                 weights = load_file(str(folder / "model" / "model.safetensors"))
             except Exception as exc:  # noqa: BLE001 - a missing or truncated file is one clear error

@@ -39,8 +39,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,
-                     rank: int = 0) -> torch.Tensor:
-    """Symmetric InfoNCE with label smoothing over the global batch; local rows are the queries."""
+                     rank: int | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE with label smoothing over the global batch; local rows are the queries (``rank``:
+    this process's, by default from torch.distributed)."""
+    if rank is None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     all_images, all_texts = gather_with_grad(image_feats), gather_with_grad(text_feats)
     labels = torch.arange(image_feats.shape[0], device=image_feats.device) + rank * image_feats.shape[0]
     i2t = image_feats @ all_texts.t() / temp
@@ -75,16 +80,13 @@ class Stage1:
                 + [(f"vision.ln_vision.{n}", p) for n, p in model.vision.ln_vision.named_parameters()])
 
     def loss(self, model, batch):
-        import torch.distributed as dist
-
         model = _unwrap(model)
         qformer = model.qformer
         with torch.no_grad():
             qformer.temp.clamp_(0.001, 0.5)
         queries = qformer(image_states(model, batch))
         text = qformer.encode_text(batch["input_ids"], batch["attention_mask"])
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        loss = contrastive_loss(qformer.image_features(queries), qformer.text_features(text), qformer.temp, rank)
+        loss = contrastive_loss(qformer.image_features(queries), qformer.text_features(text), qformer.temp)
         return loss, {"temp": qformer.temp.item()}
 
 
@@ -129,13 +131,10 @@ class Stage2:
         logs = {"vq": quantized.loss.item(), "recon_cos": recon_loss.item(), "gen_mse": gen_loss.item(),
                 "batch_code_usage": used}
         if self.retrieval_weight:
-            import torch.distributed as dist
-
             qformer = model.qformer
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             with torch.no_grad():
                 target = qformer.image_features(causal)
-            retrieval = contrastive_loss(qformer.image_features(recon), target, qformer.temp.detach(), rank)
+            retrieval = contrastive_loss(qformer.image_features(recon), target, qformer.temp.detach())
             loss = loss + self.retrieval_weight * retrieval
             logs["retrieval"] = retrieval.item()
         if self.last_query_weight:
