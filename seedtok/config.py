@@ -313,6 +313,11 @@ class LMConfig:
     full_embeddings: bool = False
     max_length: int = 128
     dtype: str = "fp32"
+    # How training starts the code tokens' rows: "mean" (transformers' resize: every row near the mean
+    # embedding, so 1,024 codes look alike to the LM at first) or "codebook" (the image tokenizer's code vectors
+    # through a fixed random projection, scaled to the base rows' spread: codes start as distinct, and codes
+    # near in the codebook start near in the LM). Used only by `seedtok train lm`; loading reads the trained rows.
+    image_row_init: str = "mean"
     # Sampling defaults for draw (SPEC §3: temperature 1.0, top-p 0.5); text answers default to greedy
     temperature: float = 1.0
     top_p: float = 0.5
@@ -352,7 +357,8 @@ def _lm_tiny() -> LMConfig:
     # r 8 / alpha 16 (same alpha/r scale as the paper's 16/32) on all seven projections keeps the bundled
     # adapter + 1,026 new rows at ~6 MB in fp16; r 16 would be ~11 MB.
     return LMConfig(name="tiny", base="smollm2-135m-instruct", tokenizer="tiny", codebook_size=1024,
-                    prompt_format="plain", lora_r=8, lora_alpha=16, max_length=96)
+                    prompt_format="plain", lora_r=8, lora_alpha=16, max_length=96,
+                    image_row_init="codebook")
 
 
 def _lm_seed_llama() -> LMConfig:

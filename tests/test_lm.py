@@ -67,6 +67,30 @@ def perturb(lm, seed=1):
 
 
 # ------------------------------------------------------------------------------------------ layout
+def test_codebook_row_init_keeps_code_geometry(base):
+    _, folder = base
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.randn(CODES, 8, generator=g)
+    lm = SeedLM.build(lm_config(folder), codebook=codebook)
+    n = len(word_tokenizer())
+    weight = lm.model.get_input_embeddings().weight.detach()
+    rows, base_rows = weight[lm.image_offset:lm.image_offset + CODES], weight[:n]
+    # pairwise distances between code rows are the codebook's, up to one scale
+    ratio = torch.cdist(rows, rows)[~torch.eye(CODES, dtype=torch.bool)] / torch.cdist(codebook, codebook)[
+        ~torch.eye(CODES, dtype=torch.bool)]
+    assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-3)
+    # centred on the base rows' mean, at the base rows' mean spread
+    mean = base_rows.mean(0)
+    assert torch.allclose(rows.mean(0), mean, atol=1e-5)
+    spread = (base_rows - mean).norm(dim=1).mean()
+    assert torch.isclose((rows - mean).norm(dim=1).mean(), spread, rtol=1e-4)
+    # without a codebook the rows come from transformers' resize: not this layout
+    plain = SeedLM.build(lm_config(folder)).model.get_input_embeddings().weight.detach()
+    assert not torch.allclose(plain[lm.image_offset:lm.image_offset + CODES], rows)
+    with pytest.raises(ConfigError, match="codebook of 5 codes"):
+        SeedLM.build(lm_config(folder), codebook=codebook[:5])
+
+
 def test_token_layout_appended(base):
     _, folder = base
     lm = SeedLM.build(lm_config(folder))

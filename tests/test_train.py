@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from seedtok import SeedTokenizer, preset
+from seedtok import ConfigError, SeedTokenizer, preset
 from seedtok.data.sources import open_source
 from seedtok.train import train_tokenizer
 from seedtok.train.data import TokenizerData
@@ -17,7 +17,7 @@ def samples():
     return open_source("emoji:train:32")
 
 
-def _step_lowers_loss(task, model, data):
+def _step_lowers_loss(task, model, data, lr=1e-3):
     batch = data.batch(list(range(8)))
     named = task.trainable_parameters(model)
     for p in model.parameters():
@@ -29,7 +29,7 @@ def _step_lowers_loss(task, model, data):
     for layer in model.modules():  # no dropout: compare the same function before and after
         if isinstance(layer, torch.nn.Dropout):
             layer.p = 0.0
-    opt = torch.optim.AdamW([p for _, p in named], lr=1e-3)
+    opt = torch.optim.AdamW([p for _, p in named], lr=lr)
     before, _ = task.loss(model, batch)
     before.backward()
     opt.step()
@@ -163,28 +163,48 @@ def test_config_file_overrides_the_recipe(tmp_path):
 
 
 def test_stage2_named_loss_additions_add_exactly_their_terms(samples):
+    from seedtok.train.tokenizer import RETRIEVAL_TEMPERATURE
+
     model = SeedTokenizer(preset("micro")).eval()  # eval: no dropout, and the quantizer's training-only
-    data = TokenizerData(model, samples, 2, "x", progress=False)  # options stay off, so terms compare exactly
+    data = TokenizerData(model, samples, 2, "x", progress=False, captions=True)  # options stay off: exact terms
     batch = data.batch(list(range(8)))
+    captions = list(dict.fromkeys(s.caption for s in samples))
+    assert data.caption_bank.shape[0] == len(captions)
+    assert [captions[i] for i in batch["caption"]] == [samples[i].caption for i in range(8)]
     with torch.no_grad():
         base, logs = Stage2().loss(model, batch)
-        both, more = Stage2(retrieval_weight=1.5, last_query_weight=2.0).loss(model, batch)
+        task = Stage2(retrieval_weight=1.5, last_query_weight=2.0, caption_weight=0.7, caption_bank=data.caption_bank)
+        both, more = task.loss(model, batch)
         causal = model.qformer(image_states(model, batch))
         recon = model.detokenizer.reconstruct(model.quantizer(causal).codes)
         qf = model.qformer
-        retrieval = contrastive_loss(qf.image_features(recon), qf.image_features(causal), qf.temp)
+        feats = qf.image_features(recon)
+        # one way, no smoothing: -log softmax(cos / T) at the true target
+        logits = feats @ qf.image_features(causal).t() / RETRIEVAL_TEMPERATURE
+        retrieval = -(logits.log_softmax(dim=1).diagonal()).mean()
+        tok = model.text_tokenizer()
+        enc = tok([samples[i].caption for i in range(8)], padding=True, return_tensors="pt")
+        text = qf.text_features(qf.encode_text(enc["input_ids"], enc["attention_mask"]))
+        bank_logits = feats @ data.caption_bank.t() / RETRIEVAL_TEMPERATURE
+        caption = (bank_logits.logsumexp(dim=1) - (feats * text).sum(dim=1) / RETRIEVAL_TEMPERATURE).mean()
         last = (1 - torch.nn.functional.cosine_similarity(recon[:, -1], causal[:, -1], dim=-1)).mean()
-    assert "retrieval" not in logs and "last_cos" not in logs
+    assert "retrieval" not in logs and "last_cos" not in logs and "caption" not in logs
     torch.testing.assert_close(torch.tensor(more["retrieval"]), retrieval)
+    torch.testing.assert_close(torch.tensor(more["caption"]), caption, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.tensor(more["last_cos"]), last)
-    torch.testing.assert_close(both, base + 1.5 * retrieval + 2.0 * last)
-    # the paper recipes keep the paper's loss; the tiny recipe uses both additions
+    torch.testing.assert_close(both, base + 1.5 * retrieval + 2.0 * last + 0.7 * caption, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="caption_weight needs"):
+        Stage2(caption_weight=1.0)
+    # the paper recipes keep the paper's loss; the tiny recipe uses the additions
     from seedtok.train.recipes import recipe
-    assert recipe("seed2", 2).retrieval_weight == 0 and recipe("seed2", 2).last_query_weight == 0
-    assert recipe("tiny", 2).retrieval_weight > 0 and recipe("tiny", 2).last_query_weight > 0
+    paper, tiny = recipe("seed2", 2), recipe("tiny", 2)
+    assert paper.retrieval_weight == paper.last_query_weight == paper.caption_weight == 0
+    assert tiny.retrieval_weight > 0 and tiny.last_query_weight > 0 and tiny.caption_weight > 0
 
 
 def test_stage2_step_with_the_loss_additions_lowers_the_loss(samples):
     model = SeedTokenizer(preset("micro"))
-    _step_lowers_loss(Stage2(retrieval_weight=1.0, last_query_weight=2.0), model,
-                      TokenizerData(model, samples, 2, "x", progress=False))
+    data = TokenizerData(model, samples, 2, "x", progress=False, captions=True)
+    _step_lowers_loss(Stage2(retrieval_weight=1.0, last_query_weight=2.0, caption_weight=1.0,
+                             caption_bank=data.caption_bank), model, data,
+                      lr=1e-4)  # Adam's first step is lr * sign(grad): at 1e-3 it overshoots the sharp (T 0.05) terms

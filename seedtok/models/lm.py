@@ -254,14 +254,25 @@ class SeedLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------ build
     @classmethod
-    def build(cls, config: LMConfig, base=None, relative_to: Path | None = None, seed: int = 0) -> "SeedLM":
-        """Base LM (``base=(model, tokenizer)`` or ``config.base``) + image tokens + a fresh LoRA adapter."""
+    def build(cls, config: LMConfig, base=None, relative_to: Path | None = None, seed: int = 0,
+              codebook: torch.Tensor | None = None) -> "SeedLM":
+        """Base LM (``base=(model, tokenizer)`` or ``config.base``) + image tokens + a fresh LoRA adapter.
+        ``codebook`` ([codebook_size, code_dim]): start the code tokens' rows from it (`codebook_rows`)."""
         model, tokenizer = base if base is not None else load_base(config.base, config.dtype, relative_to)
         offset = extend_vocabulary(tokenizer, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the new rows' random init is reproducible
             if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
                 model.resize_token_embeddings(len(tokenizer))
+        if codebook is not None:
+            if tuple(codebook.shape[:1]) != (config.codebook_size,):
+                raise ConfigError(f"a codebook of {codebook.shape[0]} codes cannot start the rows of "
+                                  f"{config.codebook_size} image tokens")
+            with torch.no_grad():
+                weight = model.get_input_embeddings().weight
+                first_new = min([offset] + tokenizer.convert_tokens_to_ids([IMG_BEGIN, IMG_END]))
+                rows = codebook_rows(codebook, weight[:first_new], seed)  # the base vocabulary's rows
+                weight[offset:offset + config.codebook_size] = rows.to(weight.dtype)
         new_ids = [offset + i for i in range(config.codebook_size)]
         new_ids += [tokenizer.convert_tokens_to_ids(t) for t in (IMG_BEGIN, IMG_END)]
         stored: list[str] = []
@@ -687,6 +698,22 @@ class SeedLM(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ vocabulary
+def codebook_rows(codebook: torch.Tensor, base_rows: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Initial LM rows [K, H] for K code tokens from the image tokenizer's codebook [K, d]: the centred code
+    vectors through a fixed random orthonormal projection d -> H (seeded), scaled so their mean distance from
+    the base rows' mean equals the base rows' mean spread, around that mean. Distances between codes are kept
+    (up to one scale), so the LM sees distinct codes from the first step."""
+    codes = codebook.detach().float()
+    codes = codes - codes.mean(dim=0)
+    codes = codes / codes.norm(dim=1).mean().clamp(min=1e-12)
+    base = base_rows.detach().float()
+    mean = base.mean(dim=0)
+    spread = (base - mean).norm(dim=1).mean()
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.linalg.qr(torch.randn(base.shape[1], codes.shape[1], generator=generator))[0]  # [H, d]
+    return mean + spread * codes @ projection.t()
+
+
 def extend_vocabulary(tokenizer, config: LMConfig) -> int:
     """Make sure the tokenizer has ``<img>``, ``</img>`` and ``<img_00000>``... with the codes on consecutive
     ids; returns the id of code 0. Tokens already there (a SEED-LLaMA tokenizer) are checked, not re-added."""

@@ -93,8 +93,10 @@ def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quic
             data = TokenizerData(model, open_source(train_cfg.data), stage, train_cfg.data,
                                  cache_dir=out.parent / "cache", cache_features=train_cfg.cache_features,
                                  augment=train_cfg.augment, seed=train_cfg.seed,
-                                 progress=progress and state.is_main_process)
-    task = Stage1() if stage == 1 else Stage2(train_cfg.retrieval_weight, train_cfg.last_query_weight)
+                                 progress=progress and state.is_main_process,
+                                 captions=stage == 2 and train_cfg.caption_weight > 0)
+    task = Stage1() if stage == 1 else Stage2(train_cfg.retrieval_weight, train_cfg.last_query_weight,
+                                              train_cfg.caption_weight, getattr(data, "caption_bank", None))
     trainer = Trainer(train_cfg, model, task, data, out,
                       progress=progress and state.is_main_process)
     if resume:

@@ -78,11 +78,15 @@ def random_resized_crop(image: Image.Image, rng: np.random.Generator, size: int,
 
 
 class TokenizerData:
-    """``len`` + ``batch(indices, step)`` over a list of Samples, for stage 1 (text) or 2 (teacher)."""
+    """``len`` + ``batch(indices, step)`` over a list of Samples, for stage 1 (text) or 2 (teacher).
+
+    ``captions`` (stage 2): also the frozen Q-Former's text features of every distinct caption
+    (``caption_bank`` [captions, D], cached beside the features) and, per batch, each sample's row in it
+    (``caption``), for stage 2's caption loss."""
 
     def __init__(self, model: SeedTokenizer, samples: Sequence[Sample], stage: int, data_spec: str,
                  cache_dir: str | os.PathLike | None = None, cache_features: bool = False, augment: bool = False,
-                 seed: int = 0, progress: bool = True):
+                 seed: int = 0, progress: bool = True, captions: bool = False):
         self.model, self.samples, self.stage = model, samples, stage
         self.augment, self.seed, self.progress = augment and not cache_features, seed, progress
         cfg = model.config
@@ -102,6 +106,17 @@ class TokenizerData:
                 key2 = _cache_key(model, data_spec, "causal", _weights_digest(model.vision.ln_vision, model.qformer))
                 self.causal = _load_or_compute(cache_dir / f"causal-{key2}.safetensors",
                                                lambda: {"causal": self._compute_causal()})["causal"]
+        self.caption_bank: torch.Tensor | None = None
+        self.caption_index: torch.Tensor | None = None
+        if captions and stage == 2:
+            unique = {c: i for i, c in enumerate(dict.fromkeys(s.caption for s in samples))}
+            self.caption_index = torch.tensor([unique[s.caption] for s in samples])
+            if cache_features:
+                key3 = _cache_key(model, data_spec, "captions", _weights_digest(model.qformer))
+                self.caption_bank = _load_or_compute(cache_dir / f"captions-{key3}.safetensors",
+                                                     lambda: {"text": self._compute_text(list(unique))})["text"]
+            else:
+                self.caption_bank = self._compute_text(list(unique))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -128,6 +143,25 @@ class TokenizerData:
         for start, idx in self._chunks("cache causal embeddings"):
             feats = self.features[start:start + len(idx)].to(self.model.dtype)
             out.append(self.model.qformer(self.model.vision.normalize(feats)).to(torch.float16))
+        return torch.cat(out)
+
+    @torch.no_grad()  # not inference_mode: the bank enters the (autograd-tracked) caption loss
+    def _compute_text(self, captions: list[str], size: int = 256) -> torch.Tensor:
+        qformer, tokenizer = self.model.qformer, self.model.text_tokenizer()
+        was_training = qformer.training
+        qformer.eval()  # the frozen stage-2 Q-Former's features, without dropout
+        starts = range(0, len(captions), size)
+        if self.progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="caption features", unit="batch")
+        out = []
+        for start in starts:
+            enc = tokenizer(captions[start:start + size], padding=True, truncation=True, return_tensors="pt",
+                            max_length=self.model.config.qformer.max_text_length)
+            states = qformer.encode_text(enc["input_ids"].to(self.model.device),
+                                         enc["attention_mask"].to(self.model.device))
+            out.append(qformer.text_features(states).float().cpu())
+        qformer.train(was_training)
         return torch.cat(out)
 
     # ------------------------------------------------------------------------------------------ batches
@@ -157,6 +191,8 @@ class TokenizerData:
                 batch["attention_mask"][row, :len(t)] = 1
         else:
             batch["teacher"] = self.teacher(batch)
+            if self.caption_index is not None:
+                batch["caption"] = self.caption_index[indices]
         return batch
 
     def teacher(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

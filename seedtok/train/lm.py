@@ -117,6 +117,17 @@ def load_lm_run_config(spec: str, quick: bool = False) -> tuple[LMConfig, TrainC
     return model_cfg, with_overrides(base, train)
 
 
+def _codebook(config: LMConfig) -> torch.Tensor | None:
+    """The image tokenizer's codebook when ``image_row_init`` asks for it."""
+    if config.image_row_init == "mean":
+        return None
+    if config.image_row_init != "codebook":
+        raise ConfigError(f"unknown image_row_init {config.image_row_init!r}; choose mean or codebook")
+    from ..models.tokenizer import SeedTokenizer
+
+    return SeedTokenizer.from_pretrained(config.tokenizer).quantizer.embedding.weight.detach().float()
+
+
 def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None = None, out: str | Path | None = None,
              quick: bool = False, resume: bool = False, steps: int | None = None, progress: bool = True,
              lm=None) -> TrainResult:
@@ -135,7 +146,7 @@ def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None
     if not resume and latest_checkpoint(out) is not None:
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     ids = load_ids(train_cfg.data)  # fails early, before the LM is loaded
-    model = lm if lm is not None else SeedLM.build(model_cfg, seed=train_cfg.seed)
+    model = lm if lm is not None else SeedLM.build(model_cfg, seed=train_cfg.seed, codebook=_codebook(model_cfg))
     if train_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     dataset = LMData(model, ids, seed=train_cfg.seed, max_length=model_cfg.max_length)

@@ -67,6 +67,7 @@ class TrainConfig:
     # tokenizer stage 2's named loss additions (seedtok.train.tokenizer), 0 = the paper's loss
     retrieval_weight: float = 0.0
     last_query_weight: float = 0.0
+    caption_weight: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

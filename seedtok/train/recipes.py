@@ -27,12 +27,12 @@ _TINY = {
     1: TrainConfig(steps=300, batch_size=128, lr=5e-4, min_lr=5e-5, warmup_steps=30, weight_decay=0.05,
                    grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=100,
                    log_every=10),
-    # stage 2: 1200 steps, with the two named loss additions (seedtok.train.tokenizer): after 200 steps on
-    # cached embeddings, with position rotation, code retrieval R@1 51.0 / 62.3 without them, 71.4 / 75.4 with
-    # both (retrieval alone 69.0 / 73.7, at 16-d rotations)
+    # stage 2: 1200 steps, with the three named loss additions (seedtok.train.tokenizer). On cached embeddings
+    # with position rotation, code retrieval R@1 I->T / T->I: 51.0 / 62.3 without them after 200 steps; with
+    # all three 74.8 / 78.0 after 200 steps and 80.9 / 83.7 after 600 (runs/exp/s2.py, not shipped)
     2: TrainConfig(steps=1200, batch_size=128, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.05,
                    grad_clip=1.0, data="emoji:train:24000", cache_features=True, checkpoint_every=200,
-                   log_every=20, retrieval_weight=1.0, last_query_weight=2.0),
+                   log_every=20, retrieval_weight=1.0, last_query_weight=2.0, caption_weight=1.0),
 }
 _TINY_QUICK = {
     1: dict(steps=150, data="emoji:train:4000"),

@@ -8,11 +8,18 @@ and ``ln_vision``.
 
 Stage 2 (codebook and de-tokenizer): Q-Former, queries and ViT frozen. Loss = 5 * VQ + 2 * (1 - cos)
 between reconstructed and true causal embeddings (per token, averaged) + 0.5 * MSE between the generation
-embedding and the teacher's. Two named additions, 0 (off) in the paper recipes: ``retrieval_weight`` x the
-stage-1 contrastive loss between the reconstructed and the true last query's contrastive features (the true
-ones detached, the frozen Q-Former's temperature): it asks the reconstruction to keep what tells images apart,
-not only to point the same way; ``last_query_weight`` x an extra (1 - cos) on the last query, the one that
-retrieval (and the paper's code-retrieval table) reads.
+embedding and the teacher's. Three named additions, 0 (off) in the paper recipes, each on the last query (the
+one that retrieval, and the paper's code-retrieval table, reads):
+- ``retrieval_weight`` x InfoNCE from the reconstructed last query's contrastive feature to the true ones of
+  the global batch (one way, no label smoothing, temperature `RETRIEVAL_TEMPERATURE`; targets detached): the
+  reconstruction must keep what tells images apart, not only point the same way;
+- ``caption_weight`` x InfoNCE from the same feature to the frozen text features of *every* distinct caption
+  of the training set (``caption_bank``; the batch's ``caption`` indexes it): stage 1's image-to-text objective,
+  with thousands of negatives instead of a batch's;
+- ``last_query_weight`` x an extra (1 - cos) on the last query.
+Measured (200 steps on cached embeddings, position rotation; code R@1 I->T / T->I on the test split): none
+51.0 / 62.3; retrieval + last query 71.3 / 75.6; the symmetric, label-smoothed stage-1 form in place of this
+retrieval loss 65.3 / 76.8; captions + last query 72.3 / 76.6; all three 74.8 / 78.0.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.tokenizer import SeedTokenizer
 
 LABEL_SMOOTHING = 0.1
 VQ_WEIGHT, RECON_WEIGHT, GEN_WEIGHT = 5.0, 2.0, 0.5
+RETRIEVAL_TEMPERATURE = 0.05  # stage 2's retrieval and caption losses (the stage-1 temperature ends near 0.06)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +61,23 @@ def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: 
     t2i = text_feats @ all_images.t() / temp
     return (F.cross_entropy(i2t.float(), labels, label_smoothing=LABEL_SMOOTHING)
             + F.cross_entropy(t2i.float(), labels, label_smoothing=LABEL_SMOOTHING)) / 2
+
+
+def one_way_infonce(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
+                    temperature: float = RETRIEVAL_TEMPERATURE) -> torch.Tensor:
+    """Cross-entropy of ``queries`` [B, D] over ``keys`` [K, D] (cosine / temperature), true key ``labels``."""
+    return F.cross_entropy((queries.float() @ keys.float().t()) / temperature, labels)
+
+
+def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather (no gradient) along dim 0 and this process's rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts), dist.get_rank()
 
 
 def _unwrap(model: nn.Module) -> SeedTokenizer:
@@ -91,12 +117,20 @@ class Stage1:
 
 
 class Stage2:
-    """Codebook + de-tokenizer training against frozen causal embeddings and a generation teacher; the two
-    weights are the named loss additions of the module docstring (0: the paper's loss)."""
+    """Codebook + de-tokenizer training against frozen causal embeddings and a generation teacher; the
+    weights are the named loss additions of the module docstring (0: the paper's loss). ``caption_bank``
+    [captions, D]: the frozen text features of the training captions (`TokenizerData.caption_bank`), needed by
+    ``caption_weight``."""
 
-    def __init__(self, retrieval_weight: float = 0.0, last_query_weight: float = 0.0):
+    def __init__(self, retrieval_weight: float = 0.0, last_query_weight: float = 0.0, caption_weight: float = 0.0,
+                 caption_bank: torch.Tensor | None = None):
         self.retrieval_weight = float(retrieval_weight)
         self.last_query_weight = float(last_query_weight)
+        self.caption_weight = float(caption_weight)
+        if self.caption_weight and caption_bank is None:
+            raise ConfigError("caption_weight needs the training captions' text features: cached data "
+                              "(cache_features), not streamed shards")
+        self.caption_bank = caption_bank
 
     def train_mode(self, model):
         model = _unwrap(model)
@@ -130,13 +164,20 @@ class Stage2:
         used = torch.unique(quantized.ids).numel() / model.codebook_size
         logs = {"vq": quantized.loss.item(), "recon_cos": recon_loss.item(), "gen_mse": gen_loss.item(),
                 "batch_code_usage": used}
+        if self.retrieval_weight or self.caption_weight:
+            features = model.qformer.image_features(recon)
         if self.retrieval_weight:
-            qformer = model.qformer
             with torch.no_grad():
-                target = qformer.image_features(causal)
-            retrieval = contrastive_loss(qformer.image_features(recon), target, qformer.temp.detach())
+                targets, rank = _gather(model.qformer.image_features(causal))
+            labels = torch.arange(features.shape[0], device=features.device) + rank * features.shape[0]
+            retrieval = one_way_infonce(features, targets, labels)
             loss = loss + self.retrieval_weight * retrieval
             logs["retrieval"] = retrieval.item()
+        if self.caption_weight:
+            self.caption_bank = self.caption_bank.to(features.device)
+            caption = one_way_infonce(features, self.caption_bank, batch["caption"].to(features.device))
+            loss = loss + self.caption_weight * caption
+            logs["caption"] = caption.item()
         if self.last_query_weight:
             last = (1 - F.cosine_similarity(recon[:, -1].float(), causal[:, -1].float(), dim=-1)).mean()
             loss = loss + self.last_query_weight * last
