@@ -31,12 +31,12 @@ LM_RECIPES = {
     "seed-llama": TrainConfig(steps=20_000, batch_size=32, lr=1.5e-4, min_lr=1.5e-5, warmup_steps=500,
                               weight_decay=0.05, betas=(0.9, 0.95), grad_clip=1.0, data="lm-ids/train",
                               checkpoint_every=1000, log_every=50),
-    # 300 steps of 16 (~45 tokens each): about half a pass over 10,000 extracted scenes (10-30 s/step on this
-    # 2-core CPU, shared). fp32: bf16 autocast showed no clear gain in the training loop here (47 vs 38 s/step,
-    # both on a loaded CPU)
-    "tiny": TrainConfig(steps=300, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.0,
+    # 480 steps of 16 (~45 tokens each): about three quarters of a pass over 10,000 extracted scenes (~5.5
+    # s/step on 2 free cores). fp32: bf16 autocast was only ~15% faster per forward+backward here (3.6 vs 4.3 s
+    # at 16 x 48 tokens, runs/exp/lmspeed.py)
+    "tiny": TrainConfig(steps=480, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.0,
                         betas=(0.9, 0.95), grad_clip=1.0, data="runs/lm-ids/emoji-train-10000",
-                        checkpoint_every=50, log_every=10),
+                        checkpoint_every=60, log_every=10),
     "micro": TrainConfig(steps=6, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.0,
                          betas=(0.9, 0.95), data="", checkpoint_every=3, keep_checkpoints=2, log_every=1,
                          mixed_precision="no"),
