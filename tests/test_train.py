@@ -115,8 +115,13 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, stage):
 
     _, cfg = load_run_config("micro", stage)
     model = SeedTokenizer(model_cfg) if stage == 1 else SeedTokenizer.from_pretrained(init).train()
-    data = TokenizerData(model, open_source(cfg.data), stage, cfg.data, progress=False)
-    trainer = Trainer(cfg, model, Stage1() if stage == 1 else Stage2(), data, tmp_path / "cut", progress=False)
+    data = TokenizerData(model, open_source(cfg.data), stage, cfg.data, progress=False,
+                         captions=cfg.caption_weight > 0)
+    task = Stage1() if stage == 1 else Stage2(cfg.retrieval_weight, cfg.last_query_weight, cfg.caption_weight,
+                                              data.caption_bank)
+    if stage == 2:
+        assert task.caption_weight and task.retrieval_weight  # the micro recipe runs the named additions
+    trainer = Trainer(cfg, model, task, data, tmp_path / "cut", progress=False)
     trainer.fit(stop_after=5)
     resumed = train_tokenizer("micro", stage, out=tmp_path / "cut", init=init, resume=True, progress=False)
     assert resumed.steps == full.steps == 8

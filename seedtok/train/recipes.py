@@ -42,8 +42,9 @@ _TINY_QUICK = {
 _MICRO = {
     1: TrainConfig(steps=8, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, data="emoji:train:64",
                    checkpoint_every=4, log_every=1),
+    # with tiny's loss additions, so the micro tests (resume, CLI) run them too
     2: TrainConfig(steps=8, batch_size=8, lr=1e-3, min_lr=1e-4, warmup_steps=2, data="emoji:train:64",
-                   checkpoint_every=4, log_every=1),
+                   checkpoint_every=4, log_every=1, retrieval_weight=1.0, last_query_weight=2.0, caption_weight=1.0),
 }
 
 
