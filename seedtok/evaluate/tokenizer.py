@@ -78,14 +78,8 @@ def retrieval_features(model: SeedTokenizer, samples: Sequence[Sample], captions
         if model.config.detokenizer.reconstruction_branch:
             recon = model.detokenizer.reconstruct(model.codes(out.ids))
             code_feats.append(qformer.image_features(recon).float())
-    tokenizer = model.text_tokenizer()
-    text_feats = []
-    for start in range(0, len(captions), 256):
-        enc = tokenizer(captions[start:start + 256], padding=True, truncation=True,
-                        max_length=model.config.qformer.max_text_length, return_tensors="pt")
-        states = qformer.encode_text(enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device))
-        text_feats.append(qformer.text_features(states).float())
-    result = {"embeddings": torch.cat(emb_feats), "text": torch.cat(text_feats), "ids": torch.cat(ids_all)}
+    result = {"embeddings": torch.cat(emb_feats), "text": model.caption_features(captions),
+              "ids": torch.cat(ids_all)}
     if code_feats:
         result["codes"] = torch.cat(code_feats)
     return result

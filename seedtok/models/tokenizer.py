@@ -113,6 +113,23 @@ class SeedTokenizer(nn.Module):
             raise ConfigError(f"{self.config.name} has no text tokenizer (qformer.text_tokenizer)")
         return BertTokenizerFast.from_pretrained(str(resolve(name) if name in ASSETS else Path(name)))
 
+    @torch.no_grad()
+    def caption_features(self, captions: Sequence[str], batch_size: int = 256, progress: bool = False
+                         ) -> torch.Tensor:
+        """The Q-Former text branch's contrastive features [len(captions), D] (fp32, on the model's device)."""
+        qformer, tokenizer = self.qformer, self.text_tokenizer()
+        starts = range(0, len(captions), batch_size)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="caption features", unit="batch")
+        out = []
+        for start in starts:
+            enc = tokenizer(list(captions[start:start + batch_size]), padding=True, truncation=True,
+                            max_length=self.config.qformer.max_text_length, return_tensors="pt")
+            states = qformer.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
+            out.append(qformer.text_features(states).float())
+        return torch.cat(out)
+
     # ----------------------------------------------------------------------------------------- encode
     def preprocess(self, images: Iterable[ImageInput], background: tuple[int, int, int] | None = None
                    ) -> torch.Tensor:

@@ -145,24 +145,14 @@ class TokenizerData:
             out.append(self.model.qformer(self.model.vision.normalize(feats)).to(torch.float16))
         return torch.cat(out)
 
-    @torch.no_grad()  # not inference_mode: the bank enters the (autograd-tracked) caption loss
-    def _compute_text(self, captions: list[str], size: int = 256) -> torch.Tensor:
-        qformer, tokenizer = self.model.qformer, self.model.text_tokenizer()
+    def _compute_text(self, captions: list[str]) -> torch.Tensor:
+        qformer = self.model.qformer
         was_training = qformer.training
         qformer.eval()  # the frozen stage-2 Q-Former's features, without dropout
-        starts = range(0, len(captions), size)
-        if self.progress:
-            from tqdm import tqdm
-            starts = tqdm(starts, desc="caption features", unit="batch")
-        out = []
-        for start in starts:
-            enc = tokenizer(captions[start:start + size], padding=True, truncation=True, return_tensors="pt",
-                            max_length=self.model.config.qformer.max_text_length)
-            states = qformer.encode_text(enc["input_ids"].to(self.model.device),
-                                         enc["attention_mask"].to(self.model.device))
-            out.append(qformer.text_features(states).float().cpu())
-        qformer.train(was_training)
-        return torch.cat(out)
+        try:
+            return self.model.caption_features(captions, progress=self.progress).cpu()
+        finally:
+            qformer.train(was_training)
 
     # ------------------------------------------------------------------------------------------ batches
     def _pixels(self, indices, step: int) -> torch.Tensor:

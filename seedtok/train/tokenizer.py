@@ -47,14 +47,18 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
+def process_rank() -> int:
+    """This process's rank under torch.distributed (0 without it)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def contrastive_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, temp: torch.Tensor,
                      rank: int | None = None) -> torch.Tensor:
     """Symmetric InfoNCE with label smoothing over the global batch; local rows are the queries (``rank``:
     this process's, by default from torch.distributed)."""
-    if rank is None:
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = process_rank() if rank is None else rank
     all_images, all_texts = gather_with_grad(image_feats), gather_with_grad(text_feats)
     labels = torch.arange(image_feats.shape[0], device=image_feats.device) + rank * image_feats.shape[0]
     i2t = image_feats @ all_texts.t() / temp
@@ -67,17 +71,6 @@ def one_way_infonce(queries: torch.Tensor, keys: torch.Tensor, labels: torch.Ten
                     temperature: float = RETRIEVAL_TEMPERATURE) -> torch.Tensor:
     """Cross-entropy of ``queries`` [B, D] over ``keys`` [K, D] (cosine / temperature), true key ``labels``."""
     return F.cross_entropy((queries.float() @ keys.float().t()) / temperature, labels)
-
-
-def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather (no gradient) along dim 0 and this process's rank."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts), dist.get_rank()
 
 
 def _unwrap(model: nn.Module) -> SeedTokenizer:
@@ -168,8 +161,8 @@ class Stage2:
             features = model.qformer.image_features(recon)
         if self.retrieval_weight:
             with torch.no_grad():
-                targets, rank = _gather(model.qformer.image_features(causal))
-            labels = torch.arange(features.shape[0], device=features.device) + rank * features.shape[0]
+                targets = gather_with_grad(model.qformer.image_features(causal))
+            labels = torch.arange(features.shape[0], device=features.device) + process_rank() * features.shape[0]
             retrieval = one_way_infonce(features, targets, labels)
             loss = loss + self.retrieval_weight * retrieval
             logs["retrieval"] = retrieval.item()
