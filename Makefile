@@ -39,7 +39,7 @@ test-distributed: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m distributed
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/tokenize.py
+	$(BIN)/python benchmarks/tokenize_speed.py
 	$(BIN)/python benchmarks/decode.py
 
 # Every ability of the bundled tiny models on emoji-world scenes and scikit-image's photos -> $(DEMO_OUT)/index.html

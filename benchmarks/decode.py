@@ -28,10 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# benchmarks/tokenize.py would shadow the stdlib module of that name (imported by inspect, linecache, ...)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.append(os.path.dirname(_HERE))  # the repo root, in case seedtok is not installed
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, if not installed
 
 import argparse  # noqa: E402
 import json  # noqa: E402

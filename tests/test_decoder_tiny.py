@@ -37,9 +37,9 @@ def spy(monkeypatch, decoder):
     calls = []
     predict = decoder.pipeline.predict
 
-    def record(sample, timestep, embeddings):
+    def record(sample, timestep, embeddings, coarse=None):
         calls.append(embeddings.detach().clone())
-        return predict(sample, timestep, embeddings)
+        return predict(sample, timestep, embeddings, coarse)
 
     monkeypatch.setattr(decoder.pipeline, "predict", record)
     return calls
@@ -128,10 +128,11 @@ def test_save_load_round_trip_is_exact(decoder, tmp_path):
 
 def test_tiny_config_fits_the_bundle_limit():
     cfg = tiny_decoder_config("tiny")
-    assert (cfg.embed_dim, cfg.image_size) == (1280, 64)
-    unet = build_tiny_pipeline(cfg).unet
-    assert unet.config.sample_size * cfg.patch_size == 64
-    assert sum(p.numel() for p in unet.parameters()) * 2 <= 20e6  # fp16 on disk <= 20 MB
+    assert (cfg.embed_dim, cfg.image_size) == (1712, 64)  # the tiny tokenizer's 3-level pooled teacher
+    pipe = build_tiny_pipeline(cfg)
+    assert pipe.unet.config.sample_size * cfg.patch_size == 64
+    params = [*pipe.unet.parameters(), *pipe.coarse.parameters()]
+    assert sum(p.numel() for p in params) * 2 <= 20e6  # fp16 on disk <= 20 MB
     with pytest.raises(ConfigError, match="no tiny decoder config"):
         tiny_decoder_config("seed2")
 
@@ -184,8 +185,9 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch(micro_data):
     dec = TinyDecoder.random("micro")
     model, task = DecoderModel(dec), DecoderTask(dec)
     assert task.cond_dropout == 0.1
-    assert {n for n, _ in task.trainable_parameters(model)} == {f"unet.{n}" for n, _ in
-                                                                 dec.pipeline.unet.named_parameters()}
+    assert {n for n, _ in task.trainable_parameters(model)} == \
+        {f"unet.{n}" for n, _ in dec.pipeline.unet.named_parameters()} | \
+        {f"coarse.{n}" for n, _ in dec.pipeline.coarse.named_parameters()}
     batch = micro_data.batch(list(range(8)))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
 
@@ -225,7 +227,7 @@ def test_train_resume_is_exact_and_the_result_loads(tmp_path):
     from seedtok.config import preset
     from seedtok.data.sources import open_source
     from seedtok.train.decoder import DecoderData, DecoderModel, DecoderTask, load_decoder_run_config, \
-        train_decoder
+        new_decoder, train_decoder
     from seedtok.train.loop import Trainer
 
     full = train_decoder("micro", out=tmp_path / "full", progress=False)
@@ -233,16 +235,81 @@ def test_train_resume_is_exact_and_the_result_loads(tmp_path):
     # interrupted after 3 steps (checkpoint at 2), then resumed
     _, dec_cfg, train_cfg = load_decoder_run_config("micro")
     data = DecoderData(preset("micro"), open_source(train_cfg.data), train_cfg.data, 16,
-                       cache_dir=tmp_path / "cache", progress=False)
-    dec = TinyDecoder.random(dec_cfg)
-    Trainer(train_cfg, DecoderModel(dec), DecoderTask(dec), data, tmp_path / "cut", progress=False).fit(stop_after=3)
+                       cache_dir=tmp_path / "cache", progress=False, target=dec_cfg.target)
+    dec = new_decoder(dec_cfg, data)
+    Trainer(train_cfg, DecoderModel(dec), DecoderTask(dec, dec_cfg.embed_noise, dec_cfg.unet_batch), data,
+            tmp_path / "cut", progress=False).fit(stop_after=3)
     resumed = train_decoder("micro", out=tmp_path / "cut", resume=True, export=tmp_path / "half", progress=False)
     assert resumed.steps == 4
-    a = TinyDecoder.from_pretrained(tmp_path / "full" / "final").pipeline.unet.state_dict()
-    b = TinyDecoder.from_pretrained(tmp_path / "cut" / "final").pipeline.unet.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_dec = TinyDecoder.from_pretrained(tmp_path / "full" / "final").pipeline
+    cut_dec = TinyDecoder.from_pretrained(tmp_path / "cut" / "final").pipeline
+    for part in ("unet", "coarse"):  # the coarse head (and its input statistics) resume exactly too
+        a, b = getattr(full_dec, part).state_dict(), getattr(cut_dec, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(full_dec.coarse.input_std, torch.ones_like(full_dec.coarse.input_std))
     assert TinyDecoder.from_pretrained(tmp_path / "half").embedding_shape == (D,)
     with pytest.raises(ConfigError, match="--resume"):
         train_decoder("micro", out=tmp_path / "full", progress=False)
     with pytest.raises(ConfigError, match="no image decoder recipe"):
         train_decoder("seed2", out=tmp_path / "x", progress=False)
+
+
+def test_coarse_head_conditions_the_unet_and_learns_only_from_its_own_loss(micro_data, monkeypatch):
+    """Coarse-then-refine: the head's image (bilinearly upsampled, space-to-depth) joins the UNet's input
+    channels; the head learns from its own MSE (to the area-downsampled target, whole batch) only; the UNet
+    sees the first ``unet_batch`` samples."""
+    import torch.nn.functional as F
+
+    from seedtok.train.decoder import DecoderModel, DecoderTask
+
+    dec = TinyDecoder.random("micro")
+    pipe = dec.pipeline
+    assert pipe.unet.config.in_channels == 2 * 3 * 2 ** 2  # noisy pixels + the coarse image
+    task = DecoderTask(dec, embed_noise=0.0, unet_batch=3)
+    task.cond_dropout = 0.0
+    seen = []
+    forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda sample, *a, **k: seen.append(sample) or forward(sample, *a, **k))
+    batch = micro_data.batch(list(range(8)))
+    torch.manual_seed(0)
+    loss, logs = task.loss(DecoderModel(dec), batch)
+    coarse = pipe.coarse(batch["embeds"])
+    assert seen[0].shape == (3, 24, 8, 8)
+    expected = pipe.to_latents(F.interpolate(coarse[:3], size=(16, 16), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(seen[0][:, 12:], expected)
+    own = F.mse_loss(coarse, F.interpolate(batch["pixels"], size=(8, 8), mode="area"))
+    assert logs["coarse_mse"] == pytest.approx(own.item(), rel=1e-5)
+    head = list(pipe.coarse.parameters())
+    for got, want in zip(torch.autograd.grad(loss, head), torch.autograd.grad(own, head)):
+        torch.testing.assert_close(got, want)  # the diffusion loss gives the head no gradient
+
+
+def test_centred_targets_are_the_scorers_view(tmp_path):
+    from seedtok.config import preset
+    from seedtok.data.sources import open_source
+    from seedtok.evaluate.emoji_scorer import normalize_scene
+    from seedtok.train.decoder import DecoderData
+
+    spec = "emoji:train:4"
+    data = DecoderData(preset("micro"), open_source(spec), spec, 16, cache_dir=tmp_path, progress=False,
+                       target="centred")
+    scene = DecoderData(preset("micro"), open_source(spec), spec, 16, cache_dir=tmp_path, progress=False)
+    sample = open_source(spec)[2]
+    view = normalize_scene(sample.image).resize((16, 16), Image.Resampling.BICUBIC)
+    expected = np.asarray(view, dtype=np.float32) / 127.5 - 1
+    np.testing.assert_allclose(data.batch([2])["pixels"][0].permute(1, 2, 0).numpy(), expected, atol=1e-6)
+    assert not torch.equal(data.pixels, scene.pixels)  # its own cache entry
+    torch.testing.assert_close(data.teacher, scene.teacher)
+
+
+def test_coarse_head_standardises_its_input():
+    dec = TinyDecoder.random("micro")
+    head = dec.pipeline.coarse
+    emb = torch.randn(64, D) * torch.linspace(0.1, 10, D) + 5
+    head.set_input_stats(emb)
+    torch.testing.assert_close(head.input_mean, emb.mean(0))
+    torch.testing.assert_close(head.input_std, emb.std(0))
+    # a shift and scale of the data, with matching statistics, gives the same images
+    other = TinyDecoder.random("micro").pipeline.coarse
+    other.set_input_stats(emb * 3 - 2)
+    torch.testing.assert_close(other(emb * 3 - 2), head(emb), rtol=1e-4, atol=1e-4)

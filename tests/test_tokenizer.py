@@ -5,6 +5,7 @@ from PIL import Image
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
 from seedtok import CheckpointError, IdsError, ImageError, SeedTokenizer
+from seedtok.errors import ConfigError
 from seedtok.config import CLIP_MEAN, CLIP_STD
 
 
@@ -259,3 +260,41 @@ def test_a_freshly_built_tiny_backbone_is_in_inference_mode(photos):
         loaded = SeedTokenizer.from_pretrained("tiny").vision.features(pixels)
     torch.testing.assert_close(alone, both[:1], rtol=1e-4, atol=1e-4)  # no batch statistics
     torch.testing.assert_close(both, loaded, rtol=1e-4, atol=1e-4)
+
+
+def test_tiny_multi_level_features_and_pooled_teacher(photos):
+    """tiny reads EfficientNet levels 4 and 5 beside the head: each a mean token + 2x2 average-pooled cells,
+    zero-padded to 1280; the generation teacher concatenates the three means (1280 + 112 + 320)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from seedtok.config import preset
+
+    model = SeedTokenizer(preset("tiny")).eval()
+    vision = model.vision
+    pixels = model.preprocess(photos[:2])
+    with torch.inference_mode():
+        feats = vision.features(pixels)
+        ends = vision.model.extract_endpoints(pixels)
+    assert feats.shape == (2, 1 + 16 + 5 + 5, 1280) and vision.teacher_dim == 1712 == \
+        model.config.detokenizer.generation_dim
+    head = ends["reduction_6"].flatten(2).transpose(1, 2)
+    torch.testing.assert_close(feats[:, 1:17], head)
+    torch.testing.assert_close(feats[:, 0], head.mean(1))
+    for start, level, width in ((17, 4, 112), (22, 5, 320)):
+        cells = F.adaptive_avg_pool2d(ends[f"reduction_{level}"], 2).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(feats[:, start + 1:start + 5, :width], cells)
+        torch.testing.assert_close(feats[:, start, :width], cells.mean(1))
+        assert feats[:, start:start + 5, width:].abs().max() == 0  # zero padding
+    teacher = vision.pooled_teacher(feats)
+    torch.testing.assert_close(teacher, torch.cat([feats[:, 0], feats[:, 17, :112], feats[:, 22, :320]], -1))
+    # the generation width must match the teacher, and only EfficientNet has levels
+    bad = dataclasses.replace(preset("tiny"), detokenizer=dataclasses.replace(preset("tiny").detokenizer,
+                                                                               generation_dim=1280))
+    with pytest.raises(ConfigError, match="1712-d"):
+        SeedTokenizer(bad)
+    micro_cfg = preset("micro")
+    with pytest.raises(ConfigError, match="extra_levels"):
+        SeedTokenizer(dataclasses.replace(micro_cfg, vision=dataclasses.replace(micro_cfg.vision,
+                                                                                extra_levels=(4,))))

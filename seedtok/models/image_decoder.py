@@ -7,8 +7,8 @@
 - ``Seed1SDDecoder``: Stable Diffusion 1.4 (``StableDiffusionPipeline``) given the [B, 77, 768] states as
   ``prompt_embeds``; unconditional input = the text encoding of "" (or a given negative); guidance 7.5, 50 PLMS
   steps (PNDM without Runge-Kutta steps), 512x512.
-- ``TinyDecoder``: the tiny preset's own decoder, [B, 1280] embeddings -> 64x64 images with a small
-  pixel-space UNet (``TinyDecoderConfig``, ``TinyDecoderPipeline``); zeros as the unconditional embedding,
+- ``TinyDecoder``: the tiny preset's own decoder, [B, 1712] embeddings -> 64x64 images with a small
+  pixel-space UNet refining a coarse MLP image (``TinyDecoderConfig``, ``TinyDecoderPipeline``); zeros as the unconditional embedding,
   guidance 2, 20 DDIM steps (defaults stored in its ``model_index.json``).
 
 All decode batches (the reference decodes one image at a time) with one random stream per image: given a
@@ -157,7 +157,8 @@ class ImageDecoder:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.pipeline.unet.config.in_channels)
+        # out_channels: a UNet may take extra conditioning channels in (the tiny decoder's coarse image)
+        return int(self.pipeline.unet.config.out_channels)
 
     @property
     def embedding_shape(self) -> tuple[int, ...]:
@@ -463,6 +464,25 @@ class TinyDecoderConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
     cond_dropout: float = 0.1  # training: share of embeddings replaced by the null (zeros) embedding
+    # Coarse-then-refine (as DiffuseVAE, Pandey et al. 2022: a regression model's blurry image conditions the
+    # DDPM): ``coarse_size`` > 0 adds ``CoarseHead``, an MLP (LayerNorm -> ``coarse_hidden`` -> RGB at
+    # coarse_size^2) trained by MSE on the downsampled target; its output, upsampled, joins the UNet's input
+    # channels. Why: in pixel space alone the UNet must find 1,142 emoji drawings through a 1-vector
+    # timestep-embedding shift, and after 2,400 CPU steps it drew blobs (identity 0%); the MLP alone, 3,000
+    # steps, drew recognisable emoji (29% top-1 from teacher embeddings, runs/exp/mlpdec.py)
+    coarse_size: int = 0
+    coarse_hidden: int = 1024
+    coarse_layers: int = 1  # hidden layers of the coarse MLP
+    # training: the coarse head is cheap and learns from every sample of a batch; the UNet (the cost) from the
+    # first ``unet_batch`` of them (0: all)
+    unet_batch: int = 0
+    # training: Gaussian noise added to the embeddings, as a share of each dimension's batch std, so the decoder
+    # also reads the noisier embeddings a de-tokenizer reconstructs from codes
+    embed_noise: float = 0.0
+    # training target: "scene" (the image as it is) or "centred" (the scorer's view: the subject cropped by the
+    # flat background, recentred and scaled to 0.8 of the side: the emoji scorer's `normalize_scene`): a
+    # pooled embedding hardly says where the subject was, so scene targets teach a blur over positions
+    target: str = "scene"
     guidance_scale: float = 2.0  # decode defaults, stored in the checkpoint
     num_inference_steps: int = 20
     seed: int = 0  # random init
@@ -470,11 +490,69 @@ class TinyDecoderConfig:
 
 #: named decoder configs: the tiny preset's, and a micro one for tests (the micro tokenizer's 48-d embeddings)
 TINY_DECODERS = {
-    "tiny": lambda: TinyDecoderConfig(),
+    "tiny": lambda: TinyDecoderConfig(embed_dim=1712, coarse_size=32, unet_batch=48, embed_noise=0.2,
+                                      target="centred"),
     "micro": lambda: TinyDecoderConfig(embed_dim=48, image_size=16, block_out_channels=(16, 32),
                                        norm_num_groups=8, attention=True, attention_head_dim=8,
-                                       num_inference_steps=3),
+                                       num_inference_steps=3, coarse_size=8, coarse_hidden=32, unet_batch=3,
+                                       embed_noise=0.2, target="centred"),
 }
+
+
+def _coarse_head_class():
+    """``CoarseHead`` (a diffusers ModelMixin, so the pipeline saves and loads it as a component). Built on
+    first use, like the pipeline class; the module ``__getattr__`` exposes it by name for diffusers' loader."""
+    return _coarse_classes()
+
+
+@functools.cache
+def _coarse_classes():
+    from diffusers import ConfigMixin, ModelMixin
+    from diffusers.configuration_utils import register_to_config
+    from torch import nn
+
+    class CoarseHead(ModelMixin, ConfigMixin):
+        """Embedding [B, D] -> coarse image [B, 3, size, size] in [-1, 1] units (not clipped). The input is
+        standardised per dimension by the training data's statistics (``set_input_stats``; buffers, saved)."""
+
+        @register_to_config
+        def __init__(self, embed_dim: int = 1280, size: int = 32, hidden: int = 1024, layers: int = 1):
+            super().__init__()
+            self.register_buffer("input_mean", torch.zeros(embed_dim))
+            self.register_buffer("input_std", torch.ones(embed_dim))
+            widths = [embed_dim] + [hidden] * layers
+            mlp: list[nn.Module] = []
+            for a, b in zip(widths[:-1], widths[1:]):
+                mlp += [nn.Linear(a, b), nn.GELU()]
+            self.net = nn.Sequential(*mlp, nn.Linear(hidden, 3 * size * size))
+
+        @torch.no_grad()
+        def set_input_stats(self, embeds: torch.Tensor) -> None:
+            """Standardise inputs by these embeddings' per-dimension mean and std (training data)."""
+            embeds = embeds.float()
+            self.input_mean.copy_(embeds.mean(0))
+            self.input_std.copy_(embeds.std(0).clamp(min=1e-3))
+
+        def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+            size = self.config.size
+            x = (embeds - self.input_mean.to(embeds.dtype)) / self.input_std.to(embeds.dtype)
+            return self.net(x).view(-1, 3, size, size)
+
+    CoarseHead.__module__ = __name__
+    return CoarseHead
+
+
+def __getattr__(name: str):
+    # diffusers' pipeline loader finds a component's class by module and name (model_index.json:
+    # ["seedtok.models.image_decoder", "CoarseHead"]), then its loading method by looking up base classes such as
+    # ``ModelMixin`` in the same module; both resolve lazily here, so importing seedtok stays diffusers-free
+    if name == "CoarseHead":
+        return _coarse_head_class()
+    if name == "ModelMixin":
+        from diffusers import ModelMixin
+
+        return ModelMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tiny_decoder_config(name: str) -> TinyDecoderConfig:
@@ -494,12 +572,13 @@ def _tiny_pipeline_class():
     from diffusers.utils.torch_utils import randn_tensor
 
     class TinyDecoderPipeline(DiffusionPipeline):
-        model_cpu_offload_seq = "unet"
+        model_cpu_offload_seq = "coarse->unet"
+        _optional_components = ["coarse"]
 
-        def __init__(self, unet, scheduler, guidance_scale: float = 2.0, num_inference_steps: int = 20,
+        def __init__(self, unet, scheduler, coarse=None, guidance_scale: float = 2.0, num_inference_steps: int = 20,
                      cond_dropout: float = 0.1, patch_size: int = 1):
             super().__init__()
-            self.register_modules(unet=unet, scheduler=scheduler)
+            self.register_modules(unet=unet, scheduler=scheduler, coarse=coarse)
             self.register_to_config(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                     cond_dropout=cond_dropout, patch_size=patch_size)
             self.vae_scale_factor = patch_size  # pixels per latent cell (space-to-depth, no VAE)
@@ -513,8 +592,20 @@ def _tiny_pipeline_class():
             p = self.config.patch_size
             return torch.nn.functional.pixel_shuffle(latents, p) if p > 1 else latents
 
-        def predict(self, sample, timestep, embeddings):
-            """The UNet's output for noisy pixels and embeddings (no guidance)."""
+        def coarse_latents(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
+            """The coarse head's image for the embeddings, upsampled to the output size, in the UNet's space
+            (None without a coarse head)."""
+            if self.coarse is None:
+                return None
+            coarse = self.coarse(embeddings)
+            coarse = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear",
+                                                     align_corners=False)
+            return self.to_latents(coarse)
+
+        def predict(self, sample, timestep, embeddings, coarse=None):
+            """The UNet's output for noisy pixels and embeddings (no guidance); ``coarse``: `coarse_latents`."""
+            if coarse is not None:
+                sample = torch.cat([sample, coarse.to(sample.dtype)], dim=1)
             return self.unet(sample, timestep, encoder_hidden_states=None, class_labels=embeddings).sample
 
         @torch.no_grad()
@@ -545,6 +636,7 @@ def _tiny_pipeline_class():
                 cond = torch.cat([negative, emb])
             else:
                 cond = emb
+            coarse = self.coarse_latents(cond, height, width)
             self.scheduler.set_timesteps(steps, device=device)
             extra = {}
             params = inspect.signature(self.scheduler.step).parameters
@@ -555,7 +647,7 @@ def _tiny_pipeline_class():
             for t in self.progress_bar(self.scheduler.timesteps):
                 model_input = torch.cat([latents, latents]) if cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                out = self.predict(model_input, t, cond)
+                out = self.predict(model_input, t, cond, coarse)
                 if cfg:
                     uncond, conditional = out.chunk(2)
                     out = uncond + guidance * (conditional - uncond)
@@ -587,6 +679,8 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
     cfg = tiny_decoder_config(config) if isinstance(config, str) else config
     if cfg.image_size % cfg.patch_size:
         raise ConfigError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+    if cfg.target not in ("scene", "centred"):
+        raise ConfigError(f"decoder target must be 'scene' or 'centred', not {cfg.target!r}")
     channels = 3 * cfg.patch_size ** 2
     levels = len(cfg.block_out_channels)
     down, up = ["DownBlock2D"] * levels, ["UpBlock2D"] * levels
@@ -595,17 +689,22 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         unet = UNet2DConditionModel(
-            sample_size=cfg.image_size // cfg.patch_size, in_channels=channels, out_channels=channels,
+            sample_size=cfg.image_size // cfg.patch_size, in_channels=channels * (2 if cfg.coarse_size else 1),
+            out_channels=channels,
             block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
             down_block_types=tuple(down), up_block_types=tuple(up), mid_block_type="UNetMidBlock2D",
             class_embed_type="projection", projection_class_embeddings_input_dim=cfg.embed_dim,
             resnet_time_scale_shift="scale_shift", norm_num_groups=cfg.norm_num_groups,
             attention_head_dim=cfg.attention_head_dim)
+        coarse = _coarse_head_class()(embed_dim=cfg.embed_dim, size=cfg.coarse_size, hidden=cfg.coarse_hidden,
+                                      layers=cfg.coarse_layers) if cfg.coarse_size else None
     # trailing timesteps: the first sampling step starts from (almost) pure noise, as training's last t
     scheduler = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                               prediction_type=cfg.prediction_type, clip_sample=True, clip_sample_range=1.0,
                               timestep_spacing="trailing", set_alpha_to_one=True)
-    pipeline = _tiny_pipeline_class()(unet=unet.eval(), scheduler=scheduler, guidance_scale=cfg.guidance_scale,
+    pipeline = _tiny_pipeline_class()(unet=unet.eval(), scheduler=scheduler,
+                                      coarse=coarse.eval() if coarse is not None else None,
+                                      guidance_scale=cfg.guidance_scale,
                                       num_inference_steps=cfg.num_inference_steps, cond_dropout=cfg.cond_dropout,
                                       patch_size=cfg.patch_size)
     pipeline.set_progress_bar_config(disable=True)
@@ -613,7 +712,7 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
 
 
 class TinyDecoder(ImageDecoder):
-    """The tiny preset: [B, 1280] generation embeddings -> 64x64 images, with its own small pixel-space
+    """The tiny preset: [B, 1712] generation embeddings -> 64x64 images, with its own small pixel-space
     diffusion UNet (``TinyDecoderConfig``). Same ``decode`` contract as the paper decoders."""
 
     kind = "tiny"
@@ -647,16 +746,21 @@ class TinyDecoder(ImageDecoder):
         """Write the diffusers folder (``model_index.json``, ``unet/``, ``scheduler/``; safetensors). ``dtype``
         casts the stored weights (e.g. fp16 to bundle them) without changing this decoder's."""
         folder = Path(folder)
-        unet = self.pipeline.unet
+        unet, coarse = self.pipeline.unet, self.pipeline.coarse
         cast = resolve_dtype(dtype) if dtype is not None else None
         if cast is not None and cast != self.dtype:
             import copy
 
-            unet = copy.deepcopy(unet)
-            for tensor in [*unet.parameters(), *unet.buffers()]:  # (ModelMixin.to warns about fp16 casts)
-                if tensor.is_floating_point():
-                    tensor.data = tensor.data.to(cast)
-        pipeline = _tiny_pipeline_class()(unet=unet, scheduler=self.pipeline.scheduler,
+            def cast_copy(module):
+                module = copy.deepcopy(module)
+                for tensor in [*module.parameters(), *module.buffers()]:  # (ModelMixin.to warns about fp16)
+                    if tensor.is_floating_point():
+                        tensor.data = tensor.data.to(cast)
+                return module
+
+            unet = cast_copy(unet)
+            coarse = cast_copy(coarse) if coarse is not None else None
+        pipeline = _tiny_pipeline_class()(unet=unet, scheduler=self.pipeline.scheduler, coarse=coarse,
                                           **{k: self.pipeline.config[k] for k in
                                              ("guidance_scale", "num_inference_steps", "cond_dropout",
                                               "patch_size")})

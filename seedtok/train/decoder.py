@@ -2,19 +2,24 @@
 
 The decoder learns p(image | generation embedding). Its training pairs are (scene, the *teacher* embedding of
 that scene): the embedding space stage 2 teaches the de-tokenizer to produce (``teacher="vision_pooled"``:
-the frozen backbone's pooled feature at the tokenizer's input size). So the decoder does not depend on a
-trained tokenizer: any de-tokenizer trained against the same teacher decodes through it.
+the frozen backbone's pooled feature(s) at the tokenizer's input size, `VisionEncoder.pooled_teacher`). So the
+decoder does not depend on a trained tokenizer: any de-tokenizer trained against the same teacher decodes
+through it.
 
-Loss: diffusers' ``DDPMScheduler`` noises the pixels ([-1, 1]) at a uniform timestep; the UNet predicts the
-scheduler's ``prediction_type`` target (x0 by default); plain MSE. Condition dropout: each embedding is
-replaced by the null (all-zeros) embedding with probability ``cond_dropout``, which is what the decoder's
-classifier-free guidance contrasts with. Noise, timesteps and dropout draw from torch's global RNG, which the
-loop checkpoints, so a resumed run continues exactly. No augmentation: a mirrored emoji is another emoji.
+Loss: optional embedding noise (``embed_noise``, a share of each dimension's batch std), then condition
+dropout: each embedding is replaced by the null (all-zeros) embedding with probability ``cond_dropout``, which
+is what the decoder's classifier-free guidance contrasts with. With a coarse head (``coarse_size``): MSE
+between its image and the area-downsampled target, over the whole batch. Diffusion: diffusers'
+``DDPMScheduler`` noises the target pixels ([-1, 1]) at a uniform timestep; the UNet, given the noisy pixels
+and the (detached, upsampled) coarse image, predicts the scheduler's ``prediction_type`` target (x0 by
+default) for the first ``unet_batch`` samples; plain MSE. The two losses are summed. Noise, timesteps and
+dropout draw from torch's global RNG, which the loop checkpoints, so a resumed run continues exactly. No
+augmentation: a mirrored emoji is another emoji.
 
-Data (``DecoderData``): scenes are rendered once to uint8 pixels at the decoder's size, and their teacher
-embeddings computed once; both are kept in ``cache_dir`` (safetensors). When the tokenizer's own feature
-cache for the same data exists there (``train tokenizer`` with ``cache_features``), its pooled row is read
-instead of running the backbone again.
+Data (``DecoderData``): targets (the scene, or its centred view: ``target``) are rendered once to uint8
+pixels at the decoder's size, and the teacher embeddings computed once; both are kept in ``cache_dir``
+(safetensors). When the tokenizer's own feature cache for the same data exists there (``train tokenizer``
+with ``cache_features``), the teacher is read from it instead of running the backbone again.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ from ..config import PRESETS, TokenizerConfig, preset
 from ..data.sources import Sample
 from ..data.transforms import preprocess
 from ..errors import CheckpointError, ConfigError
+# the centred training target is the scorer's view of a scene (one definition of "centred", shared)
+from ..evaluate.emoji_scorer import normalize_scene
 from ..models.image_decoder import TINY_DECODERS, TinyDecoder, TinyDecoderConfig, tiny_decoder_config
 from .loop import TrainConfig, TrainResult, read_run_file, with_overrides
 
-__all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "train_decoder"]
+__all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "new_decoder", "train_decoder"]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -55,29 +62,32 @@ def build_teacher(config: TokenizerConfig) -> nn.Module:
     return vision.requires_grad_(False).eval()
 
 
-def _key(config: TokenizerConfig, data_spec: str, size: int) -> str:
+def _key(config: TokenizerConfig, data_spec: str, size: int, target: str = "scene") -> str:
     payload = json.dumps({"vision": dataclasses.asdict(config.vision), "size": config.image_size,
                           "mean": config.image_mean, "std": config.image_std, "resample": config.resample,
                           "seed": config.seed if not config.vision.pretrained else None,
                           "data": data_spec, "pixels": size, "what": "decoder",
-                          "backbone_mode": "eval"}, sort_keys=True, default=str)
+                          "backbone_mode": "eval", **({"target": target} if target != "scene" else {})},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 class DecoderData:
-    """``len`` + ``batch(indices, step)`` -> {"pixels": [B, 3, S, S] in [-1, 1], "embeds": [B, D]}."""
+    """``len`` + ``batch(indices, step)`` -> {"pixels": [B, 3, S, S] in [-1, 1], "embeds": [B, D]}.
+    ``target="centred"``: the pixels are the scene's centred view (`TinyDecoderConfig.target`)."""
 
     def __init__(self, config: TokenizerConfig, samples: Sequence[Sample], data_spec: str, size: int,
-                 cache_dir: str | os.PathLike | None = None, progress: bool = True, batch_size: int = 64):
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True, batch_size: int = 64,
+                 target: str = "scene"):
         from .data import _cache_key, _load_or_compute
 
-        self.config, self.samples, self.size = config, samples, int(size)
+        self.config, self.samples, self.size, self.target = config, samples, int(size), target
         self.progress, self.chunk = progress, batch_size
         cache_dir = Path(cache_dir or ".")
         # the tokenizer's feature cache for the same data, when there is one (same key as TokenizerData's)
         self._features_cache = cache_dir / f"features-{_cache_key(_ConfigHolder(config), data_spec, 'features')}" \
                                            f".safetensors"
-        tensors = _load_or_compute(cache_dir / f"decoder-{_key(config, data_spec, self.size)}.safetensors",
+        tensors = _load_or_compute(cache_dir / f"decoder-{_key(config, data_spec, self.size, target)}.safetensors",
                                    self._compute)
         self.pixels, self.teacher = tensors["pixels"], tensors["teacher"]
         if len(self.pixels) != len(samples):
@@ -101,20 +111,23 @@ class DecoderData:
     def _compute(self) -> dict[str, torch.Tensor]:
         cfg = self.config
         reuse = self._features_cache.is_file()
-        teacher = None if reuse else build_teacher(cfg)
+        teacher = build_teacher(cfg)  # also when reusing: its pooled_teacher picks the rows
         pixels, embeds = [], []
         for start in self._starts("cache decoder pixels + teacher embeddings"):
             images = [self.samples[i].image for i in range(start, min(start + self.chunk, len(self.samples)))]
+            targets = images if self.target == "scene" else [normalize_scene(im) for im in images]
             pixels.append(torch.from_numpy(np.stack([np.asarray(_resize(im, self.size), dtype=np.uint8)
-                                                     for im in images])).permute(0, 3, 1, 2).contiguous())
-            if teacher is not None:
+                                                     for im in targets])).permute(0, 3, 1, 2).contiguous())
+            if not reuse:
                 x = preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.resample)
-                embeds.append(teacher.features(x)[:, 0].to(torch.float16))
+                embeds.append(teacher.pooled_teacher(teacher.features(x)).to(torch.float16))
         if reuse:
             from safetensors import safe_open
 
             with safe_open(str(self._features_cache), "pt") as f:
-                embeds = [f.get_slice("features")[:, 0].to(torch.float16)]
+                features = f.get_slice("features")
+                embeds = [teacher.pooled_teacher(features[i:i + self.chunk]).to(torch.float16)
+                          for i in range(0, len(self.samples), self.chunk)]
         return {"pixels": torch.cat(pixels), "teacher": torch.cat(embeds).reshape(len(self.samples), -1)}
 
     def batch(self, indices: list[int], step: int = 0) -> dict[str, torch.Tensor]:
@@ -142,55 +155,92 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.decoder = decoder
         self.unet = decoder.pipeline.unet
+        self.coarse = decoder.pipeline.coarse  # None without a coarse head
 
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         return self.decoder.save_pretrained(folder, dtype=dtype)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Load the UNet weights of a folder ``save_pretrained`` wrote (the loop's resume)."""
+        """Load the UNet (and coarse head) weights of a folder ``save_pretrained`` wrote (the loop's resume)."""
         from safetensors.torch import load_file
 
-        path = Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"
-        if not path.is_file():
-            raise CheckpointError(f"missing decoder weights {path}")
-        state = load_file(str(path))
-        own = self.unet.state_dict()
-        if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-            raise CheckpointError(f"{path} does not fit the decoder config (keys or shapes differ)")
-        self.unet.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+        for name, module in (("unet", self.unet), ("coarse", self.coarse)):
+            if module is None:
+                continue
+            path = Path(folder) / name / "diffusion_pytorch_model.safetensors"
+            if not path.is_file():
+                raise CheckpointError(f"missing decoder weights {path}")
+            state = load_file(str(path))
+            own = module.state_dict()
+            if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+                raise CheckpointError(f"{path} does not fit the decoder config (keys or shapes differ)")
+            module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
 class DecoderTask:
     """Denoising loss with condition dropout (see the module docstring)."""
 
-    def __init__(self, decoder: TinyDecoder):
+    def __init__(self, decoder: TinyDecoder, embed_noise: float = 0.0, unet_batch: int = 0):
         from diffusers import DDPMScheduler
 
         config = decoder.pipeline.scheduler.config
         self.scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps,
                                        beta_schedule=config.beta_schedule, prediction_type=config.prediction_type)
         self.cond_dropout = float(decoder.pipeline.config.cond_dropout)
-        self.to_latents = decoder.pipeline.to_latents
+        self.embed_noise, self.unet_batch = embed_noise, unet_batch
+        self.pipeline = decoder.pipeline
 
     def train_mode(self, model):
         model.train()
 
     def trainable_parameters(self, model):
-        return [(f"unet.{n}", p) for n, p in model.unet.named_parameters()]
+        params = [(f"unet.{n}", p) for n, p in model.unet.named_parameters()]
+        if model.coarse is not None:
+            params += [(f"coarse.{n}", p) for n, p in model.coarse.named_parameters()]
+        return params
 
     def loss(self, model, batch):
-        sched = self.scheduler
-        x0, emb = self.to_latents(batch["pixels"]), batch["embeds"]
+        sched, pipe = self.scheduler, self.pipeline
+        pixels, emb = batch["pixels"], batch["embeds"]
+        if self.embed_noise > 0 and len(emb) > 1:
+            emb = emb + self.embed_noise * emb.std(dim=0, keepdim=True) * torch.randn_like(emb)
+        keep = (torch.rand(len(emb), device=emb.device) >= self.cond_dropout).to(emb.dtype)[:, None]
+        emb = emb * keep
+        logs = {"cond_kept": keep.mean().item()}
+        coarse_latents, coarse_loss = None, 0.0
+        if model.coarse is not None:
+            coarse = model.coarse(emb)
+            small = F.interpolate(pixels, size=coarse.shape[-2:], mode="area")
+            coarse_loss = F.mse_loss(coarse.float(), small.float())
+            logs["coarse_mse"] = coarse_loss.item()
+        if self.unet_batch and len(emb) > self.unet_batch:
+            pixels, emb = pixels[:self.unet_batch], emb[:self.unet_batch]
+            coarse = coarse[:self.unet_batch] if model.coarse is not None else None
+        if model.coarse is not None:
+            # the UNet refines the coarse image; it does not train the head (which has its own loss)
+            up = F.interpolate(coarse.detach(), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+            coarse_latents = pipe.to_latents(up)
+        x0 = pipe.to_latents(pixels)
         n = x0.shape[0]
         noise = torch.randn_like(x0)
         t = torch.randint(0, sched.config.num_train_timesteps, (n,), device=x0.device)
-        keep = (torch.rand(n, device=x0.device) >= self.cond_dropout).to(emb.dtype)[:, None]
         noisy = sched.add_noise(x0, noise, t)
         kind = sched.config.prediction_type
         target = noise if kind == "epsilon" else x0 if kind == "sample" else sched.get_velocity(x0, noise, t)
-        pred = model.unet(noisy, t, encoder_hidden_states=None, class_labels=emb * keep).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        return loss, {"cond_kept": keep.mean().item()}
+        sample = noisy if coarse_latents is None else torch.cat([noisy, coarse_latents], dim=1)
+        pred = model.unet(sample, t, encoder_hidden_states=None, class_labels=emb).sample
+        diffusion_loss = F.mse_loss(pred.float(), target.float())
+        logs["diffusion_mse"] = diffusion_loss.item()
+        return diffusion_loss + coarse_loss, logs
+
+
+def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
+    """A randomly initialised decoder for training on ``data`` (its coarse head standardises inputs by the
+    data's teacher statistics)."""
+    decoder = TinyDecoder.random(config)
+    if decoder.pipeline.coarse is not None:
+        decoder.pipeline.coarse.set_input_stats(data.teacher)
+    return decoder
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -243,13 +293,14 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
     state = process_state()
     with state.main_process_first():  # rank 0 fills the cache; the others then read it
         data = DecoderData(model_cfg, open_source(train_cfg.data), train_cfg.data, dec_cfg.image_size,
-                           cache_dir=out.parent / "cache", progress=progress and state.is_main_process)
+                           cache_dir=out.parent / "cache", progress=progress and state.is_main_process,
+                           target=dec_cfg.target)
     if data.embed_dim != dec_cfg.embed_dim:
         raise ConfigError(f"the teacher embeddings of {model_cfg.name} are {data.embed_dim}-d, the decoder "
                           f"config expects {dec_cfg.embed_dim}")
-    decoder = TinyDecoder.random(dec_cfg)
+    decoder = new_decoder(dec_cfg, data)
     model = DecoderModel(decoder)
-    trainer = Trainer(train_cfg, model, DecoderTask(decoder), data, out, progress=progress and state.is_main_process)
+    trainer = Trainer(train_cfg, model, DecoderTask(decoder, dec_cfg.embed_noise, dec_cfg.unet_batch), data, out, progress=progress and state.is_main_process)
     if resume:
         trainer.resume()
     result = trainer.fit()

@@ -49,11 +49,11 @@ _MICRO = {
 
 
 # The tiny image decoder (seedtok.train.decoder). bf16 autocast on the CPU (AMX) is ~3x faster than fp32 here
-# (a UNet step at batch 32, one thread: 3.0 s vs 10 s). Measured with the space-to-depth UNet at batch 64: 1.4
-# s/step on one thread of a busy machine (45 samples/s); ~0.8-1.0 s/step expected on 2 free cores, so 2400
-# steps (~6 epochs of 24k scenes) in ~35-40 min. The data is the tokenizer's (its feature cache is reused).
+# (a UNet step at batch 32, one thread: 3.0 s vs 10 s). Batches of 256 train the coarse head; their first 48
+# (TinyDecoderConfig.unet_batch) train the UNet, the cost of a step. The data is the tokenizer's (its feature
+# cache is reused for the teacher embeddings).
 _DECODER = {
-    "tiny": TrainConfig(steps=2400, batch_size=64, lr=6e-4, min_lr=1e-5, warmup_steps=100, weight_decay=0.01,
+    "tiny": TrainConfig(steps=1500, batch_size=256, lr=6e-4, min_lr=1e-5, warmup_steps=100, weight_decay=0.01,
                         grad_clip=1.0, data="emoji:train:24000", mixed_precision="bf16", checkpoint_every=100,
                         log_every=10),
     "micro": TrainConfig(steps=4, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.0,

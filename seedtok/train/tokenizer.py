@@ -144,7 +144,7 @@ class Stage2:
                 if features is None:
                     features = model.vision.features(batch["pixels"])
                 if teacher is None:  # streamed batches: the "vision_pooled" teacher, from the same features
-                    teacher = features[:, 0]
+                    teacher = model.vision.pooled_teacher(features)
                 if causal is None:
                     causal = model.qformer(model.vision.normalize(features.to(model.dtype)))
         causal = causal.to(model.dtype)

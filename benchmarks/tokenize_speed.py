@@ -1,6 +1,6 @@
 """Encode-speed benchmark: ``SeedTokenizer.encode_pixels`` against transformers' BLIP-2 feature path.
 
-    .venv/bin/python benchmarks/tokenize.py [--quick] [--presets micro,seed2] [--json-out PATH]
+    .venv/bin/python benchmarks/tokenize_speed.py [--quick] [--presets micro,seed2] [--json-out PATH]
 
 What it measures (CPU, random weights, preprocessed random pixels [B, 3, S, S] so the time is the model's):
 1. images/s and peak memory of ``encode_pixels`` per preset, batch (1, 8) and dtype (fp32, bf16). Ours and the
@@ -21,9 +21,6 @@ What it measures (CPU, random weights, preprocessed random pixels [B, 3, S, S] s
    which torch does not count) and cross-checked against the analytic count from the config.
 4. bf16 vs fp32 on the same inputs at the largest batch run: the share of ids that agree, and the speedup.
 5. The other processes' share of the CPUs before and during the run (psutil), since it skews every number.
-
-The file is named like the stdlib ``tokenize`` module; the lines below keep ``import tokenize`` elsewhere (torch
-imports ``inspect``, which imports it) from finding this script.
 """
 
 from __future__ import annotations
@@ -31,9 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.append(os.path.dirname(_HERE))  # the repo root, in case seedtok is not installed
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, if not installed
 
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
