@@ -465,8 +465,8 @@ class TinyDecoderConfig:
     num_train_timesteps: int = 1000
     cond_dropout: float = 0.1  # training: share of embeddings replaced by the null (zeros) embedding
     # Coarse-then-refine (as DiffuseVAE, Pandey et al. 2022: a regression model's blurry image conditions the
-    # DDPM): ``coarse_size`` > 0 adds ``CoarseHead``, an MLP (LayerNorm -> ``coarse_hidden`` -> RGB at
-    # coarse_size^2) trained by MSE on the downsampled target; its output, upsampled, joins the UNet's input
+    # DDPM): ``coarse_size`` > 0 adds ``CoarseHead``, an MLP (standardised input -> ``coarse_layers`` x
+    # ``coarse_hidden`` -> RGB at coarse_size^2) trained by MSE on the downsampled target; its output, upsampled, joins the UNet's input
     # channels. Why: in pixel space alone the UNet must find 1,142 emoji drawings through a 1-vector
     # timestep-embedding shift, and after 2,400 CPU steps it drew blobs (identity 0%); the MLP alone, 3,000
     # steps, drew recognisable emoji (29% top-1 from teacher embeddings, runs/exp/mlpdec.py)
@@ -499,14 +499,10 @@ TINY_DECODERS = {
 }
 
 
+@functools.cache
 def _coarse_head_class():
     """``CoarseHead`` (a diffusers ModelMixin, so the pipeline saves and loads it as a component). Built on
     first use, like the pipeline class; the module ``__getattr__`` exposes it by name for diffusers' loader."""
-    return _coarse_classes()
-
-
-@functools.cache
-def _coarse_classes():
     from diffusers import ConfigMixin, ModelMixin
     from diffusers.configuration_utils import register_to_config
     from torch import nn
@@ -597,7 +593,10 @@ def _tiny_pipeline_class():
             (None without a coarse head)."""
             if self.coarse is None:
                 return None
-            coarse = self.coarse(embeddings)
+            return self.upsample_coarse(self.coarse(embeddings), height, width)
+
+        def upsample_coarse(self, coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
+            """A coarse image [B, 3, c, c] -> bilinearly upsampled to the output size, in the UNet's space."""
             coarse = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear",
                                                      align_corners=False)
             return self.to_latents(coarse)

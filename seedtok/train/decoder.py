@@ -207,7 +207,7 @@ class DecoderTask:
         keep = (torch.rand(len(emb), device=emb.device) >= self.cond_dropout).to(emb.dtype)[:, None]
         emb = emb * keep
         logs = {"cond_kept": keep.mean().item()}
-        coarse_latents, coarse_loss = None, 0.0
+        coarse, coarse_loss = None, 0.0
         if model.coarse is not None:
             coarse = model.coarse(emb)
             small = F.interpolate(pixels, size=coarse.shape[-2:], mode="area")
@@ -215,11 +215,9 @@ class DecoderTask:
             logs["coarse_mse"] = coarse_loss.item()
         if self.unet_batch and len(emb) > self.unet_batch:
             pixels, emb = pixels[:self.unet_batch], emb[:self.unet_batch]
-            coarse = coarse[:self.unet_batch] if model.coarse is not None else None
-        if model.coarse is not None:
-            # the UNet refines the coarse image; it does not train the head (which has its own loss)
-            up = F.interpolate(coarse.detach(), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-            coarse_latents = pipe.to_latents(up)
+            coarse = coarse[:self.unet_batch] if coarse is not None else None
+        # the UNet refines the coarse image; it does not train the head (which has its own loss)
+        coarse_latents = pipe.upsample_coarse(coarse.detach(), *pixels.shape[-2:]) if coarse is not None else None
         x0 = pipe.to_latents(pixels)
         n = x0.shape[0]
         noise = torch.randn_like(x0)
@@ -227,8 +225,7 @@ class DecoderTask:
         noisy = sched.add_noise(x0, noise, t)
         kind = sched.config.prediction_type
         target = noise if kind == "epsilon" else x0 if kind == "sample" else sched.get_velocity(x0, noise, t)
-        sample = noisy if coarse_latents is None else torch.cat([noisy, coarse_latents], dim=1)
-        pred = model.unet(sample, t, encoder_hidden_states=None, class_labels=emb).sample
+        pred = pipe.predict(noisy, t, emb, coarse_latents)  # pipe.unet is model.unet
         diffusion_loss = F.mse_loss(pred.float(), target.float())
         logs["diffusion_mse"] = diffusion_loss.item()
         return diffusion_loss + coarse_loss, logs
@@ -300,7 +297,8 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
                           f"config expects {dec_cfg.embed_dim}")
     decoder = new_decoder(dec_cfg, data)
     model = DecoderModel(decoder)
-    trainer = Trainer(train_cfg, model, DecoderTask(decoder, dec_cfg.embed_noise, dec_cfg.unet_batch), data, out, progress=progress and state.is_main_process)
+    task = DecoderTask(decoder, dec_cfg.embed_noise, dec_cfg.unet_batch)
+    trainer = Trainer(train_cfg, model, task, data, out, progress=progress and state.is_main_process)
     if resume:
         trainer.resume()
     result = trainer.fit()
