@@ -326,6 +326,15 @@ class LMConfig:
     # through a fixed random projection, scaled to the base rows' spread: codes start as distinct, and codes
     # near in the codebook start near in the LM). Used only by `seedtok train lm`; loading reads the trained rows.
     image_row_init: str = "mean"
+    # The training mix (`seedtok train lm`), SPEC §3 by default: a pre-training sample is image -> caption with
+    # probability ``image_first_fraction`` (0.5), caption -> image otherwise, and every token counts in its
+    # loss; ``label_leading_image=False`` (a named deviation) drops the loss on the image tokens of image ->
+    # caption samples, which are unpredictable from what precedes them and otherwise make up ~3/4 of the
+    # labels, drowning the few caption words that teach the LM to read. ``instruct_fraction``: share of
+    # question/answer samples (emoji-world scenes only).
+    image_first_fraction: float = 0.5
+    label_leading_image: bool = True
+    instruct_fraction: float = 0.3
     # Sampling defaults for draw (SPEC §3: temperature 1.0, top-p 0.5); text answers default to greedy
     temperature: float = 1.0
     top_p: float = 0.5

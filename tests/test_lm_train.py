@@ -9,6 +9,7 @@ import torch
 from seedtok.cli import main
 from seedtok.data.ids import extract_ids, load_ids
 from seedtok.data.sources import DataError, open_source
+from seedtok.errors import ConfigError
 from seedtok.evaluate.lm import cider_d, parse_caption
 from seedtok.models.lm import IGNORE, SeedLM
 from seedtok.train.lm import LMData, lm_recipe, train_lm
@@ -60,7 +61,7 @@ def test_extract_ids_resumes_and_detects_damage(micro, ids_dir, tmp_path):
 
 def test_lm_data_mixes_directions_and_questions(llama, ids_dir, micro):
     lm = SeedLM.build(lm_config(llama))
-    data = LMData(lm, load_ids(ids_dir), seed=0, instruct_fraction=0.3)
+    data = LMData(lm, load_ids(ids_dir), seed=0)
     kinds = {"i2t": 0, "t2i": 0, "qa": 0}
     for step in range(40):
         ids, labels = data.sequence(step % len(data), step)
@@ -75,6 +76,26 @@ def test_lm_data_mixes_directions_and_questions(llama, ids_dir, micro):
     assert data.sequence(3, 7) == data.sequence(3, 7)  # a pure function of (seed, index, step): exact resume
     batch = data.batch([0, 1, 2], step=0)
     assert batch["input_ids"].shape[0] == 3 and (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+def test_lm_data_mix_options(llama, ids_dir, micro):
+    """image_first_fraction 1 and no instructions: every sample is image -> caption; with
+    label_leading_image=False its image span (and markers) is unlabelled while the caption stays labelled."""
+    lm = SeedLM.build(lm_config(llama, image_first_fraction=1.0, instruct_fraction=0.0, label_leading_image=False))
+    data = LMData(lm, load_ids(ids_dir), seed=0)
+    span = lm.num_image_tokens + 2
+    for step in range(6):
+        ids, labels = data.sequence(step % len(data), step)
+        start = len(lm.bos_ids)
+        assert ids[start] == lm.begin_id and ids[start + span - 1] == lm.end_id
+        assert all(l == IGNORE for l in labels[:start + span])
+        assert labels[start + span:] == ids[start + span:]  # caption + eos: every token labelled
+    lm.config.label_leading_image = True  # the paper's rule: the image span is labelled too
+    ids, labels = data.sequence(0, 0)
+    assert labels[len(lm.bos_ids):] == ids[len(lm.bos_ids):]
+    lm.config.image_first_fraction = 1.5
+    with pytest.raises(ConfigError, match="image_first_fraction"):
+        LMData(lm, load_ids(ids_dir))
 
 
 def test_train_lm_on_shared_loop_and_resume(llama, ids_dir, tmp_path):

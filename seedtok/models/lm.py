@@ -501,10 +501,12 @@ class SeedLM(nn.Module):
         ids, labels = self.encode_segments(segments)
         return self.bos_ids + ids, [IGNORE] * len(self.bos_ids) + labels
 
-    def caption_sequence(self, image_ids, caption: str, image_first: bool) -> tuple[list[int], list[int]]:
-        """Pre-training sample (SPEC §3): image then caption, or caption then image; loss on every token."""
-        parts: list[Segment] = ([(Image_(image_ids), True), (caption, True)] if image_first
-                                else [(caption, True), (Image_(image_ids), True)])
+    def caption_sequence(self, image_ids, caption: str, image_first: bool, label_image: bool = True
+                         ) -> tuple[list[int], list[int]]:
+        """Pre-training sample (SPEC §3): image then caption, or caption then image; loss on every token
+        (``label_image=False``: not on the image span)."""
+        image: Segment = (Image_(image_ids), label_image)
+        parts: list[Segment] = [image, (caption, True)] if image_first else [(caption, True), image]
         return self.encode(parts + [("<eos>", True)])
 
     def instruction_prompt(self, question: str, image_ids=None) -> list[Segment]:

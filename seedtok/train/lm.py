@@ -2,9 +2,11 @@
 
 Data: image ids extracted once (`seedtok.data.ids`, ``seedtok extract-ids``), never pixels. Each drawn sample
 becomes, by a draw seeded from (seed, index, step) so resumed runs replay it:
-- with probability ``instruct_fraction`` and when the sample is an emoji-world scene, an instruction sample
-  (a generated question about it, `seedtok.data.questions`): loss on the answer only;
-- otherwise a pre-training sample, image -> caption or caption -> image 50/50: loss on every non-pad token.
+- with probability ``LMConfig.instruct_fraction`` and when the sample is an emoji-world scene, an instruction
+  sample (a generated question about it, `seedtok.data.questions`): loss on the answer only;
+- otherwise a pre-training sample, image -> caption with probability ``LMConfig.image_first_fraction`` (SPEC:
+  50/50), else caption -> image: loss on every non-pad token (``label_leading_image=False``: not on the image
+  tokens of image -> caption samples).
 
 Trains the LoRA adapter and the new token rows (`SeedLM.trainable_named_parameters`).
 """
@@ -22,8 +24,6 @@ from ..data.ids import IdsDataset, load_ids
 from ..data.questions import KINDS, emoji_question
 from ..errors import ConfigError
 from .loop import TrainConfig, TrainResult, Trainer, latest_checkpoint, read_run_file, with_overrides
-
-INSTRUCT_FRACTION = 0.3
 
 # Recipes. SEED-LLaMA's optimiser (SPEC §3): AdamW (0.9, 0.95), lr 1.5e-4 cosine, weight decay 0.05. The tiny
 # preset's step count fits the 2-core CPU budget (README: measured step time).
@@ -56,8 +56,7 @@ def lm_recipe(name: str, quick: bool = False) -> TrainConfig:
 class LMData:
     """``len`` + ``batch(indices, step)`` over extracted ids, for the shared Trainer."""
 
-    def __init__(self, lm, data: IdsDataset, seed: int = 0, instruct_fraction: float = INSTRUCT_FRACTION,
-                 max_length: int | None = None):
+    def __init__(self, lm, data: IdsDataset, seed: int = 0, max_length: int | None = None):
         if data.codebook_size and data.codebook_size != lm.config.codebook_size:
             raise ConfigError(f"the ids were extracted with a codebook of {data.codebook_size}, the LM expects "
                               f"{lm.config.codebook_size} (tokenizer {lm.config.tokenizer!r})")
@@ -65,7 +64,11 @@ class LMData:
             raise ConfigError(f"the ids have {data.ids.shape[1]} tokens per image, the LM expects "
                               f"{lm.num_image_tokens}")
         self.lm, self.data, self.seed = lm, data, seed
-        self.instruct_fraction, self.max_length = instruct_fraction, max_length
+        self.max_length = max_length
+        cfg = lm.config
+        for name in ("image_first_fraction", "instruct_fraction"):
+            if not 0.0 <= getattr(cfg, name) <= 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
 
     def __len__(self) -> int:
         return len(self.data)
@@ -74,11 +77,14 @@ class LMData:
         rng = np.random.default_rng([self.seed, index, step])
         ids, caption = self.data.ids[index], self.data.captions[index]
         meta = self.data.meta[index] if index < len(self.data.meta) else {}
-        if rng.random() < self.instruct_fraction:
+        cfg = self.lm.config
+        if rng.random() < cfg.instruct_fraction:
             qa = emoji_question(meta, KINDS[int(rng.integers(len(KINDS)))], rng)
             if qa is not None:
                 return self.lm.instruction_sequence(ids, *qa)
-        return self.lm.caption_sequence(ids, caption, image_first=bool(rng.random() < 0.5))
+        image_first = bool(rng.random() < cfg.image_first_fraction)
+        return self.lm.caption_sequence(ids, caption, image_first,
+                                        label_image=cfg.label_leading_image or not image_first)
 
     def batch(self, indices: list[int], step: int = 0) -> dict[str, torch.Tensor]:
         return self.lm.collate([self.sequence(i, step) for i in indices], self.max_length)
