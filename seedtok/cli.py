@@ -129,11 +129,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--stage", type=int, choices=[1, 2], required=True)
     q.add_argument("--config", default="tiny", metavar="FILE_OR_PRESET")
     q.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME-stageN)")
-    q.add_argument("--init", type=Path, default=None, help="stage 2: the stage-1 model folder")
+    q.add_argument("--init", type=Path, default=None,
+                   help="stage 2: the stage-1 model folder (with --generation-only: the stage-2 model)")
     q.add_argument("--quick", action="store_true", help="a short run (minutes) to see every part work")
     q.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     q.add_argument("--steps", type=_positive_int, default=None)
     q.add_argument("--no-causal", action="store_true", help="train the bidirectional (BLIP-2) baseline")
+    q.add_argument("--generation-only", action="store_true",
+                   help="stage 2: retrain only the generation branch of a trained stage-2 model (ids unchanged)")
     q.set_defaults(func=_train_tokenizer)
     q = stages.add_parser("decoder", help="the tiny preset's image decoder (generation embedding -> image)")
     q.add_argument("--config", default="tiny", metavar="FILE_OR_PRESET")
@@ -268,7 +271,8 @@ def _train_tokenizer(args) -> int:
     from .train import train_tokenizer
 
     result = train_tokenizer(args.config, args.stage, out=args.out, quick=args.quick, resume=args.resume,
-                             init=args.init, steps=args.steps, causal=not args.no_causal)
+                             init=args.init, steps=args.steps, causal=not args.no_causal,
+                             generation_only=args.generation_only)
     print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min, final loss {result.final_loss:.4f}; "
           f"model: {result.out_dir / 'final'}")
     return 0

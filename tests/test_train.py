@@ -213,3 +213,67 @@ def test_stage2_step_with_the_loss_additions_lowers_the_loss(samples):
     _step_lowers_loss(Stage2(retrieval_weight=1.0, last_query_weight=2.0, caption_weight=1.0,
                              caption_bank=data.caption_bank), model, data,
                       lr=1e-4)  # Adam's first step is lr * sign(grad): at 1e-3 it overshoots the sharp (T 0.05) terms
+
+
+def test_stage2_generation_objectives_are_exactly_their_terms(samples):
+    """"standardized" = MSE after z-scoring by the teacher statistics; the contrastive term is one-way InfoNCE
+    between the standardised, L2-normalised generation and teacher embeddings (temperature 0.05)."""
+    from seedtok.train.tokenizer import GEN_WEIGHT, RETRIEVAL_TEMPERATURE
+
+    g, t = torch.randn(6, 5), torch.randn(6, 5)
+    mean, std = torch.randn(5), torch.rand(5) + 0.5
+    paper, _ = Stage2().generation_objective(g, t)
+    torch.testing.assert_close(paper, GEN_WEIGHT * ((g - t) ** 2).mean())
+    std_loss, logs = Stage2(generation_loss="standardized", teacher_stats=(mean, std)).generation_objective(g, t)
+    torch.testing.assert_close(std_loss, GEN_WEIGHT * (((g - t) / std) ** 2).mean())
+    both, logs = Stage2(generation_loss="standardized", generation_contrastive_weight=0.5,
+                        teacher_stats=(mean, std)).generation_objective(g, t)
+    zg = torch.nn.functional.normalize((g - mean) / std, dim=-1)
+    zt = torch.nn.functional.normalize((t - mean) / std, dim=-1)
+    nce = torch.nn.functional.cross_entropy(zg @ zt.t() / RETRIEVAL_TEMPERATURE, torch.arange(6))
+    torch.testing.assert_close(torch.tensor(logs["gen_contrastive"]), nce)
+    torch.testing.assert_close(both, std_loss + 0.5 * nce)
+    with pytest.raises(ConfigError, match="generation_loss"):
+        Stage2(generation_loss="l1")
+    with pytest.raises(ConfigError, match="teacher"):
+        Stage2(generation_loss="standardized")
+    with pytest.raises(ConfigError, match="train_parts"):
+        Stage2(train_parts="codebook")
+
+
+def test_teacher_stats_cover_the_whole_cached_set(samples, tmp_path):
+    model = SeedTokenizer(preset("micro")).eval()
+    data = TokenizerData(model, samples, 2, "emoji:train:32", cache_dir=tmp_path, cache_features=True,
+                         progress=False)
+    mean, std = data.teacher_stats()
+    teachers = model.vision.pooled_teacher(data.features.float())
+    torch.testing.assert_close(mean, teachers.mean(0))
+    torch.testing.assert_close(std, teachers.std(0).clamp(min=1e-3))
+    with pytest.raises(ConfigError, match="cache_features"):
+        TokenizerData(model, samples, 2, "x", progress=False).teacher_stats()
+
+
+def test_generation_only_retrains_the_generation_branch_and_keeps_the_ids(tmp_path, samples):
+    from seedtok.cli import main
+
+    assert main(["train", "tokenizer", "--stage", "2", "--config", "micro", "--out", str(tmp_path / "s2"),
+                 "--init", str(tmp_path / "none")]) != 0  # no such init: a clear error, not a traceback
+    s1 = train_tokenizer("micro", 1, out=tmp_path / "s1", progress=False)
+    train_tokenizer("micro", 2, out=tmp_path / "s2", init=s1.out_dir / "final", progress=False)
+    (tmp_path / "gen.json").write_text(json.dumps({"model": "micro", "train": {
+        "steps": 3, "cache_features": True, "generation_loss": "standardized", "generation_contrastive_weight": 1.0}}))
+    assert main(["train", "tokenizer", "--stage", "2", "--config", str(tmp_path / "gen.json"), "--generation-only",
+                 "--init", str(tmp_path / "s2" / "final"), "--out", str(tmp_path / "g")]) == 0
+    before = SeedTokenizer.from_pretrained(tmp_path / "s2" / "final").eval()
+    after = SeedTokenizer.from_pretrained(tmp_path / "g" / "final").eval()
+    trained = {f"detokenizer.{n}" for n, _ in after.detokenizer.generation_parameters()}
+    assert "detokenizer.distill_image_proj.weight" in trained and "detokenizer.pos_embed" not in trained
+    old, new = before.state_dict(), after.state_dict()
+    assert all(torch.equal(old[k], new[k]) for k in old if k not in trained)  # codebook, recon branch, Q-Former
+    assert any(not torch.equal(old[k], new[k]) for k in trained)
+    images = [samples[i].image for i in range(4)]
+    ids = before.encode(images)
+    assert torch.equal(ids, after.encode(images))
+    assert not torch.allclose(before.decode_embeddings(ids), after.decode_embeddings(ids))
+    with pytest.raises(ConfigError, match="--stage 2"):
+        train_tokenizer("micro", 1, out=tmp_path / "x", generation_only=True, progress=False)

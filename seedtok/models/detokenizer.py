@@ -94,6 +94,12 @@ class Detokenizer(nn.Module):
     def generation_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def generation_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The generation branch's own parameters: all but ``decode_task_layer`` (shared with the reconstruction
+        branch) and the reconstruction branch, so retraining them leaves ids and reconstructions unchanged."""
+        return [(n, p) for n, p in self.named_parameters()
+                if not (n == "pos_embed" or n.startswith(("decode_task_layer.", "blocks.")))]
+
     def _init(self) -> None:
         for module in self.modules():
             if isinstance(module, nn.Linear):

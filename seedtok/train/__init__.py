@@ -20,11 +20,12 @@ def train_lm(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-def load_run_config(spec: str, stage: int, quick: bool = False) -> tuple[TokenizerConfig, TrainConfig]:
+def load_run_config(spec: str, stage: int, quick: bool = False, generation_only: bool = False
+                    ) -> tuple[TokenizerConfig, TrainConfig]:
     """A preset name (its recipe for the stage) or a JSON/YAML file with ``model`` (a preset name or a config
     dict) and ``train`` (TrainConfig fields, optionally per stage: ``{"1": {...}, "2": {...}}``)."""
     if spec in PRESETS:
-        return preset(spec), recipe(spec, stage, quick)
+        return preset(spec), recipe(spec, stage, quick, generation_only)
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"{spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
@@ -34,8 +35,11 @@ def load_run_config(spec: str, stage: int, quick: bool = False) -> tuple[Tokeniz
     train = data.get("train", {})
     if str(stage) in train:
         train = train[str(stage)]
-    base = recipe(model, stage, quick) if isinstance(model, str) else TrainConfig()
-    return model_cfg, with_overrides(base, train)
+    base = recipe(model, stage, quick, generation_only) if isinstance(model, str) else TrainConfig()
+    cfg = with_overrides(base, train)
+    if generation_only:
+        cfg.train_parts = "generation"
+    return model_cfg, cfg
 
 
 def _stage2_model(run_config: TokenizerConfig, stage1) -> "SeedTokenizer":
@@ -52,21 +56,24 @@ def _stage2_model(run_config: TokenizerConfig, stage1) -> "SeedTokenizer":
 
 def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quick: bool = False,
                     resume: bool = False, init: str | Path | None = None, steps: int | None = None,
-                    causal: bool = True, progress: bool = True) -> TrainResult:
+                    causal: bool = True, progress: bool = True, generation_only: bool = False) -> TrainResult:
     """Train tokenizer stage 1 (causal Q-Former, contrastive) or 2 (codebook + de-tokenizer); the trained model
-    is saved to ``OUT/final``. ``causal=False`` trains the bidirectional (BLIP-2) baseline."""
+    is saved to ``OUT/final``. ``causal=False`` trains the bidirectional (BLIP-2) baseline. ``generation_only``
+    (stage 2): retrain only the generation branch of the stage-2 model ``init`` (default
+    runs/NAME-stage2/final), so its ids stay the same; output default runs/NAME-stage2-generation."""
     from ..assets import ASSETS, resolve
     from ..data.sources import open_source
     from ..models.tokenizer import SeedTokenizer
     from .data import TokenizerData
     from .tokenizer import Stage1, Stage2
 
-    model_cfg, train_cfg = load_run_config(config, stage, quick)
+    model_cfg, train_cfg = load_run_config(config, stage, quick, generation_only)
     if steps:
         train_cfg.steps = steps
     suffix = "" if causal else "-bidirectional"
     name = f"{model_cfg.name}{suffix}{'-quick' if quick else ''}"
-    out = Path(out) if out else Path("runs") / f"{name}-stage{stage}"
+    generation_only = stage == 2 and train_cfg.train_parts == "generation"
+    out = Path(out) if out else Path("runs") / f"{name}-stage{stage}{'-generation' if generation_only else ''}"
     if not resume and latest_checkpoint(out) is not None:
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     if stage == 1:
@@ -76,6 +83,11 @@ def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quic
         source = model_cfg.qformer.init_from
         if source:
             model.qformer.init_from_bert(resolve(source) if source in ASSETS else Path(source))
+    elif generation_only:  # every weight from a finished stage-2 model; only its generation branch will train
+        init = Path(init) if init else out.parent / f"{name}-stage2" / "final"
+        trained = SeedTokenizer.from_pretrained(init)
+        model = SeedTokenizer(trained.config)
+        model.load_state_dict(trained.state_dict())
     else:
         init = Path(init) if init else out.parent / f"{name}-stage1" / "final"
         model = _stage2_model(model_cfg, SeedTokenizer.from_pretrained(init))
@@ -95,8 +107,16 @@ def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quic
                                  augment=train_cfg.augment, seed=train_cfg.seed,
                                  progress=progress and state.is_main_process,
                                  captions=stage == 2 and train_cfg.caption_weight > 0)
-    task = Stage1() if stage == 1 else Stage2(train_cfg.retrieval_weight, train_cfg.last_query_weight,
-                                              train_cfg.caption_weight, getattr(data, "caption_bank", None))
+    if stage == 1:
+        task = Stage1()
+    else:
+        standardize = train_cfg.generation_loss == "standardized" or train_cfg.generation_contrastive_weight
+        if standardize and train_cfg.streaming:
+            raise ConfigError("the standardised generation loss needs cached data (cache_features), not a stream")
+        task = Stage2(train_cfg.retrieval_weight, train_cfg.last_query_weight, train_cfg.caption_weight,
+                      getattr(data, "caption_bank", None), train_cfg.generation_loss,
+                      train_cfg.generation_contrastive_weight, data.teacher_stats() if standardize else None,
+                      train_cfg.train_parts)
     trainer = Trainer(train_cfg, model, task, data, out,
                       progress=progress and state.is_main_process)
     if resume:

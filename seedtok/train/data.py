@@ -22,6 +22,7 @@ from PIL import Image
 
 from ..data.sources import Sample
 from ..data.transforms import preprocess
+from ..errors import ConfigError
 from ..models.tokenizer import SeedTokenizer
 
 
@@ -184,6 +185,17 @@ class TokenizerData:
             if self.caption_index is not None:
                 batch["caption"] = self.caption_index[indices]
         return batch
+
+    @torch.no_grad()  # not inference_mode: the statistics enter the autograd graph of the loss
+    def teacher_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std (floored at 1e-3) of the generation teacher over the whole training set,
+        from the feature cache (stage 2's ``generation_loss="standardized"``)."""
+        if self.features is None:
+            raise ConfigError("standardising the generation teacher needs cached data (cache_features), not a "
+                              "stream")
+        teachers = torch.cat([self.teacher({"features": self.features[start:start + len(idx)].float()})
+                              for start, idx in self._chunks("teacher statistics", 2048)])
+        return teachers.mean(0), teachers.std(0).clamp(min=1e-3)
 
     def teacher(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The generation-embedding target. ``vision_pooled`` (tiny): the frozen backbone's pooled feature(s)

@@ -68,6 +68,13 @@ class TrainConfig:
     retrieval_weight: float = 0.0
     last_query_weight: float = 0.0
     caption_weight: float = 0.0
+    # stage 2's generation objective: "mse" (the paper's) or "standardized" (MSE after z-scoring every teacher
+    # dimension by the training data's statistics); + ``generation_contrastive_weight`` x InfoNCE between
+    # standardised generation and teacher embeddings of the global batch. ``train_parts="generation"``
+    # retrains only the generation branch of an ``--init`` stage-2 model: its ids stay exactly the same.
+    generation_loss: str = "mse"
+    generation_contrastive_weight: float = 0.0
+    train_parts: str = "all"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":

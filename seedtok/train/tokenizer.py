@@ -34,6 +34,8 @@ from ..models.tokenizer import SeedTokenizer
 LABEL_SMOOTHING = 0.1
 VQ_WEIGHT, RECON_WEIGHT, GEN_WEIGHT = 5.0, 2.0, 0.5
 RETRIEVAL_TEMPERATURE = 0.05  # stage 2's retrieval and caption losses (the stage-1 temperature ends near 0.06)
+GENERATION_LOSSES = ("mse", "standardized")
+TRAIN_PARTS = ("all", "generation")
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +118,9 @@ class Stage2:
     ``caption_weight``."""
 
     def __init__(self, retrieval_weight: float = 0.0, last_query_weight: float = 0.0, caption_weight: float = 0.0,
-                 caption_bank: torch.Tensor | None = None):
+                 caption_bank: torch.Tensor | None = None, generation_loss: str = "mse",
+                 generation_contrastive_weight: float = 0.0,
+                 teacher_stats: tuple[torch.Tensor, torch.Tensor] | None = None, train_parts: str = "all"):
         self.retrieval_weight = float(retrieval_weight)
         self.last_query_weight = float(last_query_weight)
         self.caption_weight = float(caption_weight)
@@ -124,16 +128,53 @@ class Stage2:
             raise ConfigError("caption_weight needs the training captions' text features: cached data "
                               "(cache_features), not streamed shards")
         self.caption_bank = caption_bank
+        if generation_loss not in GENERATION_LOSSES:
+            raise ConfigError(f"unknown generation_loss {generation_loss!r}; choose {' or '.join(GENERATION_LOSSES)}")
+        self.generation_loss = generation_loss
+        self.generation_contrastive_weight = float(generation_contrastive_weight)
+        if (generation_loss == "standardized" or self.generation_contrastive_weight) and teacher_stats is None:
+            raise ConfigError("the standardised generation loss needs the teacher's statistics (teacher_stats)")
+        self.teacher_stats = teacher_stats
+        if train_parts not in TRAIN_PARTS:
+            raise ConfigError(f"unknown train_parts {train_parts!r}; choose {' or '.join(TRAIN_PARTS)}")
+        self.generation_only = train_parts == "generation"
 
     def train_mode(self, model):
         model = _unwrap(model)
+        if self.generation_only:  # the codebook must not move (no k-means init, no dead-code restarts)
+            model.eval()
+            model.detokenizer.train()
+            return
         model.train()
         model.qformer.eval()  # frozen: its causal embeddings are targets, computed without dropout
 
     def trainable_parameters(self, model):
         model = _unwrap(model)
+        if self.generation_only:
+            return [(f"detokenizer.{n}", p) for n, p in model.detokenizer.generation_parameters()]
         return ([(f"quantizer.{n}", p) for n, p in model.quantizer.named_parameters()]
                 + [(f"detokenizer.{n}", p) for n, p in model.detokenizer.named_parameters()])
+
+    def generation_objective(self, generation: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """GEN_WEIGHT x (MSE or standardised MSE) + generation_contrastive_weight x InfoNCE (standardised)."""
+        generation, teacher = generation.float(), teacher.float()
+        logs = {"gen_mse": F.mse_loss(generation, teacher).item()}
+        if self.teacher_stats is not None:
+            mean, std = (t.to(teacher.device) for t in self.teacher_stats)
+            generation_z, teacher_z = (generation - mean) / std, (teacher - mean) / std
+        if self.generation_loss == "standardized":
+            loss = F.mse_loss(generation_z, teacher_z)
+            logs["gen_std_mse"] = loss.item()
+        else:
+            loss = F.mse_loss(generation, teacher)
+        loss = GEN_WEIGHT * loss
+        if self.generation_contrastive_weight:
+            keys = gather_with_grad(F.normalize(teacher_z, dim=-1))
+            labels = torch.arange(generation.shape[0], device=generation.device) + process_rank() * generation.shape[0]
+            contrastive = one_way_infonce(F.normalize(generation_z, dim=-1), keys, labels)
+            loss = loss + self.generation_contrastive_weight * contrastive
+            logs["gen_contrastive"] = contrastive.item()
+        return loss, logs
 
     def loss(self, model, batch):
         model = _unwrap(model)
@@ -148,15 +189,17 @@ class Stage2:
                 if causal is None:
                     causal = model.qformer(model.vision.normalize(features.to(model.dtype)))
         causal = causal.to(model.dtype)
+        if self.generation_only:  # codes fixed: only the generation objective has anything to train
+            with torch.no_grad():
+                codes = model.quantizer(causal).codes
+            return self.generation_objective(model.detokenizer.generation_embeddings(codes), teacher)
         quantized = model.quantizer(causal)
         recon = model.detokenizer.reconstruct(quantized.codes)
         recon_loss = (1 - F.cosine_similarity(recon.float(), causal.float(), dim=-1)).mean()
-        generation = model.detokenizer.generation_embeddings(quantized.codes)
-        gen_loss = F.mse_loss(generation.float(), teacher.float())
-        loss = VQ_WEIGHT * quantized.loss + RECON_WEIGHT * recon_loss + GEN_WEIGHT * gen_loss
+        gen_loss, logs = self.generation_objective(model.detokenizer.generation_embeddings(quantized.codes), teacher)
+        loss = VQ_WEIGHT * quantized.loss + RECON_WEIGHT * recon_loss + gen_loss
         used = torch.unique(quantized.ids).numel() / model.codebook_size
-        logs = {"vq": quantized.loss.item(), "recon_cos": recon_loss.item(), "gen_mse": gen_loss.item(),
-                "batch_code_usage": used}
+        logs.update({"vq": quantized.loss.item(), "recon_cos": recon_loss.item(), "batch_code_usage": used})
         if self.retrieval_weight or self.caption_weight:
             features = model.qformer.image_features(recon)
         if self.retrieval_weight:
