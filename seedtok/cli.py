@@ -146,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=_positive_int, default=None)
     q.add_argument("--export", type=Path, default=None, metavar="DIR",
                    help="also save the trained decoder there in fp16 (e.g. seedtok/weights/tiny/decoder)")
+    q.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="condition=generation: the trained tokenizer whose code embeddings to learn from "
+                        "(default: the config's preset)")
     q.set_defaults(func=_train_decoder)
 
     p = sub.add_parser("eval", help="evaluate")
@@ -391,7 +394,7 @@ def _train_decoder(args) -> int:
     from .train.decoder import train_decoder
 
     result = train_decoder(args.config, out=args.out, quick=args.quick, resume=args.resume, steps=args.steps,
-                           export=args.export)
+                           export=args.export, tokenizer=args.tokenizer)
     print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min, final loss {result.final_loss:.4f}; "
           f"decoder: {result.out_dir / 'final'}" + (f" (fp16 copy: {args.export})" if args.export else ""))
     return 0

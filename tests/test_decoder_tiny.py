@@ -313,3 +313,40 @@ def test_coarse_head_standardises_its_input():
     other = TinyDecoder.random("micro").pipeline.coarse
     other.set_input_stats(emb * 3 - 2)
     torch.testing.assert_close(other(emb * 3 - 2), head(emb), rtol=1e-4, atol=1e-4)
+
+
+def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_path):
+    """condition="generation": the embeddings are the tokenizer's decode_embeddings(encode(image)), also
+    through the tokenizer's feature cache; the coarse head standardises by them; the run trains."""
+    from safetensors.torch import save_file
+
+    from seedtok.config import preset
+    from seedtok.data.sources import open_source
+    from seedtok.models.tokenizer import SeedTokenizer
+    from seedtok.train.data import _cache_key
+    from seedtok.train.decoder import DecoderData, _ConfigHolder, new_decoder, train_decoder
+
+    spec = "emoji:train:8"
+    tok = SeedTokenizer.from_pretrained("micro").eval()
+    samples = open_source(spec)
+    images = [samples[i].image for i in range(8)]
+    expected = tok.decode_embeddings(tok.encode(images)).half().float()
+    data = DecoderData(preset("micro"), samples, spec, 16, cache_dir=tmp_path / "a", progress=False, tokenizer=tok)
+    torch.testing.assert_close(data.batch(list(range(8)))["embeds"], expected, rtol=2e-3, atol=2e-3)
+    assert not torch.allclose(data.embeds.float(), data.teacher.float())
+    dec = new_decoder(tiny_decoder_config("micro"), data)
+    torch.testing.assert_close(dec.pipeline.coarse.input_mean, data.embeds.float().mean(0))
+    # from the tokenizer's feature cache (its backbone output) when there is one
+    with torch.no_grad():
+        feats = tok.vision.features(tok.preprocess(images)).half()
+    key = _cache_key(_ConfigHolder(preset("micro")), spec, "features")
+    (tmp_path / "b").mkdir()
+    save_file({"features": feats}, str(tmp_path / "b" / f"features-{key}.safetensors"))
+    cached = DecoderData(preset("micro"), samples, spec, 16, cache_dir=tmp_path / "b", progress=False, tokenizer=tok)
+    torch.testing.assert_close(cached.embeds.float(), expected, rtol=2e-3, atol=2e-3)
+    (tmp_path / "run.json").write_text(json.dumps({"model": "micro", "decoder": {"condition": "generation"},
+                                                   "train": {"steps": 2, "data": spec}}))
+    assert train_decoder(str(tmp_path / "run.json"), out=tmp_path / "run", progress=False).steps == 2
+    (tmp_path / "bad.json").write_text(json.dumps({"model": "micro", "decoder": {"condition": "codes"}}))
+    with pytest.raises(ConfigError, match="condition"):
+        train_decoder(str(tmp_path / "bad.json"), out=tmp_path / "bad", progress=False)

@@ -19,7 +19,9 @@ augmentation: a mirrored emoji is another emoji.
 Data (``DecoderData``): targets (the scene, or its centred view: ``target``) are rendered once to uint8
 pixels at the decoder's size, and the teacher embeddings computed once; both are kept in ``cache_dir``
 (safetensors). When the tokenizer's own feature cache for the same data exists there (``train tokenizer``
-with ``cache_features``), the teacher is read from it instead of running the backbone again.
+with ``cache_features``), the teacher is read from it instead of running the backbone again. With
+``condition="generation"`` the decoder instead learns from a trained tokenizer's generation embeddings of each
+image's codes (encode, then `decode_embeddings`), cached per tokenizer weights.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class DecoderData:
 
     def __init__(self, config: TokenizerConfig, samples: Sequence[Sample], data_spec: str, size: int,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True, batch_size: int = 64,
-                 target: str = "scene"):
-        from .data import _cache_key, _load_or_compute
+                 target: str = "scene", tokenizer=None):
+        from .data import _cache_key, _load_or_compute, _weights_digest
 
         self.config, self.samples, self.size, self.target = config, samples, int(size), target
         self.progress, self.chunk = progress, batch_size
@@ -92,13 +94,20 @@ class DecoderData:
         self.pixels, self.teacher = tensors["pixels"], tensors["teacher"]
         if len(self.pixels) != len(samples):
             raise ConfigError(f"decoder cache holds {len(self.pixels)} samples, the data {len(samples)}")
+        #: the conditioning embeddings the decoder learns from: the teacher's, or ``tokenizer``'s generation
+        #: embeddings of the images' codes
+        self.embeds = self.teacher
+        if tokenizer is not None:
+            key = _key(config, data_spec, 0, "generation") + "-" + _weights_digest(tokenizer)
+            self.embeds = _load_or_compute(cache_dir / f"generation-{key}.safetensors",
+                                           lambda: {"embeds": self._compute_generation(tokenizer)})["embeds"]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
     def embed_dim(self) -> int:
-        return int(self.teacher.shape[1])
+        return int(self.embeds.shape[1])
 
     def _starts(self, desc: str):
         starts = range(0, len(self.samples), self.chunk)
@@ -130,9 +139,32 @@ class DecoderData:
                           for i in range(0, len(self.samples), self.chunk)]
         return {"pixels": torch.cat(pixels), "teacher": torch.cat(embeds).reshape(len(self.samples), -1)}
 
+    @torch.inference_mode()
+    def _compute_generation(self, tokenizer) -> torch.Tensor:
+        """Each image -> ids -> the de-tokenizer's generation embedding (backbone features from the
+        tokenizer's cache when there is one)."""
+        cfg, tok = self.config, tokenizer.eval()
+        features = None
+        if self._features_cache.is_file():
+            from safetensors import safe_open
+
+            features = safe_open(str(self._features_cache), "pt").get_slice("features")
+        out = []
+        for start in self._starts("cache generation embeddings of the codes"):
+            stop = min(start + self.chunk, len(self.samples))
+            if features is not None:
+                feats = features[start:stop].to(tok.dtype)
+            else:
+                images = [self.samples[i].image for i in range(start, stop)]
+                feats = tok.vision.features(preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std,
+                                                       cfg.resample).to(tok.dtype))
+            ids = tok.quantizer(tok.qformer(tok.vision.normalize(feats))).ids
+            out.append(tok.detokenizer.generation_embeddings(tok.quantizer.codes_for(ids)).to(torch.float16))
+        return torch.cat(out)
+
     def batch(self, indices: list[int], step: int = 0) -> dict[str, torch.Tensor]:
         pixels = self.pixels[indices].float().div_(127.5).sub_(1.0)
-        return {"pixels": pixels, "embeds": self.teacher[indices].float()}
+        return {"pixels": pixels, "embeds": self.embeds[indices].float()}
 
 
 class _ConfigHolder:
@@ -236,7 +268,7 @@ def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
     data's teacher statistics)."""
     decoder = TinyDecoder.random(config)
     if decoder.pipeline.coarse is not None:
-        decoder.pipeline.coarse.set_input_stats(data.teacher)
+        decoder.pipeline.coarse.set_input_stats(data.embeds)
     return decoder
 
 
@@ -271,10 +303,11 @@ def load_decoder_run_config(spec: str, quick: bool = False
 
 
 def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bool = False, resume: bool = False,
-                  steps: int | None = None, export: str | Path | None = None, progress: bool = True
-                  ) -> TrainResult:
+                  steps: int | None = None, export: str | Path | None = None, progress: bool = True,
+                  tokenizer: str | Path | None = None) -> TrainResult:
     """Train the tiny image decoder; the trained decoder is saved to ``OUT/final`` (fp32) and, with ``export``,
-    also there in fp16 (the bundled form: ``seedtok/weights/tiny/decoder``)."""
+    also there in fp16 (the bundled form: ``seedtok/weights/tiny/decoder``). ``tokenizer`` (a preset or model
+    folder; default the run's preset): whose generation embeddings ``condition="generation"`` learns from."""
     from ..data.sources import open_source
     from .loop import Trainer, latest_checkpoint
 
@@ -287,13 +320,22 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     from .loop import process_state
 
+    generator = None
+    if dec_cfg.condition == "generation":
+        from ..models.tokenizer import SeedTokenizer
+
+        if tokenizer is None and model_cfg.name not in PRESETS:
+            raise ConfigError("condition=\"generation\" needs the trained tokenizer: pass --tokenizer")
+        generator = SeedTokenizer.from_pretrained(tokenizer or model_cfg.name).float()
+    elif dec_cfg.condition != "teacher":
+        raise ConfigError(f"unknown decoder condition {dec_cfg.condition!r}; choose teacher or generation")
     state = process_state()
     with state.main_process_first():  # rank 0 fills the cache; the others then read it
         data = DecoderData(model_cfg, open_source(train_cfg.data), train_cfg.data, dec_cfg.image_size,
                            cache_dir=out.parent / "cache", progress=progress and state.is_main_process,
-                           target=dec_cfg.target)
+                           target=dec_cfg.target, tokenizer=generator)
     if data.embed_dim != dec_cfg.embed_dim:
-        raise ConfigError(f"the teacher embeddings of {model_cfg.name} are {data.embed_dim}-d, the decoder "
+        raise ConfigError(f"the {dec_cfg.condition} embeddings of {model_cfg.name} are {data.embed_dim}-d, the decoder "
                           f"config expects {dec_cfg.embed_dim}")
     decoder = new_decoder(dec_cfg, data)
     model = DecoderModel(decoder)
