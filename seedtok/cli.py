@@ -306,6 +306,10 @@ def _eval_tokenizer(args) -> int:
               f"{r['t2i_r1']:>8.1f}{r['t2i_r5']:>7.1f}{r['t2i_r10']:>7.1f}")
     cb = result["codebook"]
     print(f"codebook: usage {cb['usage']:.1f}%, perplexity {cb['perplexity']:.1f}, dead {cb['dead']}")
+    if "generation" in result:
+        g = result["generation"]
+        print(f"generation embeddings vs teacher: own teacher nearest {g['teacher_r1']:.1f}%, cosine "
+              f"{g['cosine']:.3f}, MSE {g['mse']:.4f} (standardised {g['standardized_mse']:.3f})")
     if args.json:
         from .fileio import atomic_write_text
 

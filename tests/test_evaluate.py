@@ -5,6 +5,7 @@ import torch
 
 from seedtok.cli import main
 from seedtok.evaluate import codebook_health, recall_at_k
+from seedtok.evaluate.tokenizer import generation_agreement
 
 
 def test_recall_at_k_on_a_hand_checked_example():
@@ -36,6 +37,17 @@ def test_codebook_health():
     assert h["usage"] == 50 and h["dead"] == 2 and h["perplexity"] == pytest.approx(2.0)
 
 
+def test_generation_agreement_on_a_hand_checked_example():
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    exact = generation_agreement(teacher.clone(), teacher)
+    assert exact["teacher_r1"] == 100 and exact["mse"] == 0 and exact["cosine"] == pytest.approx(1.0)
+    swapped = generation_agreement(teacher[[1, 0, 2]], teacher)  # images 0 and 1 get each other's embedding
+    assert swapped["teacher_r1"] == pytest.approx(100 / 3)
+    assert swapped["mse"] == pytest.approx(((teacher[[1, 0, 2]] - teacher) ** 2).mean().item())
+    z = (teacher - teacher.mean(0)) / teacher.std(0)
+    assert swapped["standardized_mse"] == pytest.approx(((z[[1, 0, 2]] - z) ** 2).mean().item())
+
+
 def test_cli_data_then_eval_on_micro(tmp_path, capsys):
     assert main(["data", "emoji", "--split", "test", "--n", "12", "--out", str(tmp_path / "test")]) == 0
     lines = (tmp_path / "test" / "captions.jsonl").read_text().splitlines()
@@ -50,6 +62,22 @@ def test_cli_data_then_eval_on_micro(tmp_path, capsys):
         assert 0 <= row["i2t_r1"] <= row["i2t_r5"] <= row["i2t_r10"] <= 100
     assert 0 < result["codebook"]["usage"] <= 100
     assert "codebook: usage" in capsys.readouterr().out
+    assert 0 <= result["generation"]["teacher_r1"] <= 100  # micro's teacher is its encoder's pooled feature
+
+
+def test_eval_reports_generation_agreement_for_a_pooled_teacher(tmp_path):
+    from seedtok import SeedTokenizer, preset
+    from seedtok.data.sources import open_source
+    from seedtok.evaluate import evaluate_tokenizer
+
+    model = SeedTokenizer(preset("micro")).eval()
+    samples = open_source("emoji:test:6")
+    result = evaluate_tokenizer(model, samples)
+    images = [samples[i].image for i in range(6)]
+    with torch.no_grad():
+        teacher = model.vision.pooled_teacher(model.vision.features(model.preprocess(images)))
+    expected = generation_agreement(model.decode_embeddings(model.encode(images)).float(), teacher.float())
+    assert result["generation"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
 def test_cli_eval_on_a_karpathy_format_split(tmp_path, capsys):

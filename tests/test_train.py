@@ -277,3 +277,13 @@ def test_generation_only_retrains_the_generation_branch_and_keeps_the_ids(tmp_pa
     assert not torch.allclose(before.decode_embeddings(ids), after.decode_embeddings(ids))
     with pytest.raises(ConfigError, match="--stage 2"):
         train_tokenizer("micro", 1, out=tmp_path / "x", generation_only=True, progress=False)
+
+
+def test_generation_only_recipes():
+    from seedtok.train.recipes import recipe
+
+    tiny, paper = recipe("tiny", 2, generation_only=True), recipe("seed2", 2, generation_only=True)
+    assert tiny.train_parts == paper.train_parts == "generation"
+    assert tiny.generation_loss == "standardized" and tiny.generation_contrastive_weight > 0 and tiny.cache_features
+    assert paper.generation_loss == "mse" and paper.generation_contrastive_weight == 0  # the paper's objective
+    assert recipe("tiny", 2).train_parts == "all" and recipe("tiny", 2).generation_loss == "mse"

@@ -8,6 +8,12 @@ Retrieval uses the stage-1 contrastive head on the last query:
 Captions with identical text are indistinguishable, so a retrieved caption (or image) counts as correct when
 its text equals the ground truth's. Codebook health on the same images: usage (share of codes used),
 perplexity of the code distribution, and dead codes (never used).
+
+Generation (presets whose teacher is the vision encoder's own pooled features, ``teacher="vision_pooled"``):
+how well the de-tokenizer's generation embedding of each image's codes matches that image's teacher embedding,
+what the image decoder learned from: cosine, MSE, MSE after z-scoring each dimension by the eval images'
+teacher statistics, and ``teacher_r1``: the share of images whose generation embedding is nearest (cosine of
+the z-scored vectors) to their own teacher among all the eval images' teachers.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..data.sources import Sample
 from ..models.tokenizer import SeedTokenizer
@@ -65,24 +72,43 @@ def retrieval_features(model: SeedTokenizer, samples: Sequence[Sample], captions
                        batch_size: int = 64, progress: bool = False) -> dict[str, torch.Tensor]:
     """Contrastive features of the images (from embeddings and from codes), of the captions, and the ids."""
     qformer = model.qformer
-    emb_feats, code_feats, ids_all = [], [], []
+    emb_feats, code_feats, ids_all, generation, teacher = [], [], [], [], []
+    pooled = model.config.detokenizer.teacher == "vision_pooled"
     starts = range(0, len(samples), batch_size)
     if progress:
         from tqdm import tqdm
         starts = tqdm(starts, desc="eval images", unit="batch")
     for start in starts:
         pixels = model.preprocess([samples[i].image for i in range(start, min(start + batch_size, len(samples)))])
-        out = model(pixels)
-        emb_feats.append(qformer.image_features(out.causal_embeddings).float())
-        ids_all.append(out.ids)
+        features = model.vision.features(pixels.to(model.device))  # = model(pixels), split open
+        causal = qformer(model.vision.normalize(features))  # so that the teacher reuses the features
+        ids = model.quantizer(causal).ids
+        emb_feats.append(qformer.image_features(causal).float())
+        ids_all.append(ids)
+        codes = model.codes(ids)
         if model.config.detokenizer.reconstruction_branch:
-            recon = model.detokenizer.reconstruct(model.codes(out.ids))
-            code_feats.append(qformer.image_features(recon).float())
+            code_feats.append(qformer.image_features(model.detokenizer.reconstruct(codes)).float())
+        if pooled:
+            generation.append(model.detokenizer.generation_embeddings(codes).float())
+            teacher.append(model.vision.pooled_teacher(features).float())
     result = {"embeddings": torch.cat(emb_feats), "text": model.caption_features(captions),
-              "ids": torch.cat(ids_all)}
+              "ids": torch.cat(ids_all).cpu()}
     if code_feats:
         result["codes"] = torch.cat(code_feats)
+    if pooled:
+        result["generation"], result["teacher"] = torch.cat(generation), torch.cat(teacher)
     return result
+
+
+def generation_agreement(generation: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    """Generation embeddings vs their images' teacher embeddings [N, D] (see the module docstring)."""
+    mean, std = teacher.mean(0), teacher.std(0).clamp(min=1e-3)
+    gen_z, teacher_z = (generation - mean) / std, (teacher - mean) / std
+    similarity = F.normalize(gen_z, dim=-1) @ F.normalize(teacher_z, dim=-1).t()
+    hits = similarity.argmax(dim=1) == torch.arange(len(generation), device=generation.device)
+    return {"cosine": float(F.cosine_similarity(generation, teacher, dim=-1).mean()),
+            "mse": float(F.mse_loss(generation, teacher)), "standardized_mse": float(F.mse_loss(gen_z, teacher_z)),
+            "teacher_r1": 100.0 * float(hits.float().mean())}
 
 
 def evaluate_tokenizer(model: SeedTokenizer, samples: Sequence[Sample], baseline: SeedTokenizer | None = None,
@@ -103,6 +129,9 @@ def evaluate_tokenizer(model: SeedTokenizer, samples: Sequence[Sample], baseline
     if baseline is not None:
         base = retrieval_features(baseline, samples, texts, progress=progress)
         retrieval["bidirectional"] = recall_at_k(base["embeddings"], base["text"], text_image, same_text)
-    return {"retrieval": retrieval, "codebook": codebook_health(feats["ids"], model.codebook_size),
-            "num_images": len(samples), "num_captions": len(texts)}
+    result = {"retrieval": retrieval, "codebook": codebook_health(feats["ids"], model.codebook_size),
+              "num_images": len(samples), "num_captions": len(texts)}
+    if "generation" in feats:
+        result["generation"] = generation_agreement(feats["generation"], feats["teacher"])
+    return result
 

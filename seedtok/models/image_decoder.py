@@ -499,7 +499,7 @@ class TinyDecoderConfig:
 #: named decoder configs: the tiny preset's, and a micro one for tests (the micro tokenizer's 48-d embeddings)
 TINY_DECODERS = {
     "tiny": lambda: TinyDecoderConfig(embed_dim=1712, coarse_size=32, unet_batch=48, embed_noise=0.2,
-                                      target="centred"),
+                                      target="centred", condition="generation"),
     "micro": lambda: TinyDecoderConfig(embed_dim=48, image_size=16, block_out_channels=(16, 32),
                                        norm_num_groups=8, attention=True, attention_head_dim=8,
                                        num_inference_steps=3, coarse_size=8, coarse_hidden=32, unet_batch=3,

@@ -20,6 +20,13 @@ one that retrieval, and the paper's code-retrieval table, reads):
 Measured (200 steps on cached embeddings, position rotation; code R@1 I->T / T->I on the test split): none
 51.0 / 62.3; retrieval + last query 71.3 / 75.6; the symmetric, label-smoothed stage-1 form in place of this
 retrieval loss 65.3 / 76.8; captions + last query 72.3 / 76.6; all three 74.8 / 78.0.
+
+The generation objective has two named options (`TrainConfig`): ``generation_loss="standardized"`` (the MSE
+after z-scoring each teacher dimension by the training set's statistics, so low-variance dimensions such as the
+colour-keeping level-4 means count as much as the head's) and ``generation_contrastive_weight`` x one-way InfoNCE
+from the standardised generation embedding to the standardised teachers of the global batch (it must say which
+image it came from, not only its average). ``train_parts="generation"`` trains the generation branch alone
+(codebook, ``decode_task_layer`` and reconstruction branch frozen): ids and reconstructions stay as they were.
 """
 
 from __future__ import annotations
