@@ -1,10 +1,11 @@
 """Training the tiny preset's image decoder (``TinyDecoder``) as a Task on the shared loop.
 
-The decoder learns p(image | generation embedding). Its training pairs are (scene, the *teacher* embedding of
-that scene): the embedding space stage 2 teaches the de-tokenizer to produce (``teacher="vision_pooled"``:
-the frozen backbone's pooled feature(s) at the tokenizer's input size, `VisionEncoder.pooled_teacher`). So the
-decoder does not depend on a trained tokenizer: any de-tokenizer trained against the same teacher decodes
-through it.
+The decoder learns p(image | generation embedding). With ``condition="teacher"`` (the paper's way) its training
+pairs are (scene, the *teacher* embedding of that scene): the embedding space stage 2 teaches the de-tokenizer
+to produce (``teacher="vision_pooled"``: the frozen backbone's pooled feature(s) at the tokenizer's input size,
+`VisionEncoder.pooled_teacher`), so the decoder does not depend on a trained tokenizer. With
+``condition="generation"`` (the tiny preset) they are (scene, a trained tokenizer's generation embedding of
+the scene's codes): what decoding will actually feed it.
 
 Loss: optional embedding noise (``embed_noise``, a share of each dimension's batch std), then condition
 dropout: each embedding is replaced by the null (all-zeros) embedding with probability ``cond_dropout``, which
