@@ -106,7 +106,7 @@ def train_tokenizer(config: str, stage: int, out: str | Path | None = None, quic
                                  cache_dir=out.parent / "cache", cache_features=train_cfg.cache_features,
                                  augment=train_cfg.augment, seed=train_cfg.seed,
                                  progress=progress and state.is_main_process,
-                                 captions=stage == 2 and train_cfg.caption_weight > 0)
+                                 captions=stage == 2 and train_cfg.caption_weight > 0 and not generation_only)
     if stage == 1:
         task = Stage1()
     else:

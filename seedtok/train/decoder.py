@@ -27,6 +27,7 @@ image's codes (encode, then `decode_embeddings`), cached per tokenizer weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -145,22 +146,23 @@ class DecoderData:
         """Each image -> ids -> the de-tokenizer's generation embedding (backbone features from the
         tokenizer's cache when there is one)."""
         cfg, tok = self.config, tokenizer.eval()
-        features = None
-        if self._features_cache.is_file():
-            from safetensors import safe_open
-
-            features = safe_open(str(self._features_cache), "pt").get_slice("features")
         out = []
-        for start in self._starts("cache generation embeddings of the codes"):
-            stop = min(start + self.chunk, len(self.samples))
-            if features is not None:
-                feats = features[start:stop].to(tok.dtype)
-            else:
-                images = [self.samples[i].image for i in range(start, stop)]
-                feats = tok.vision.features(preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std,
-                                                       cfg.resample).to(tok.dtype))
-            ids = tok.quantizer(tok.qformer(tok.vision.normalize(feats))).ids
-            out.append(tok.detokenizer.generation_embeddings(tok.quantizer.codes_for(ids)).to(torch.float16))
+        with contextlib.ExitStack() as stack:
+            features = None
+            if self._features_cache.is_file():
+                from safetensors import safe_open
+
+                features = stack.enter_context(safe_open(str(self._features_cache), "pt")).get_slice("features")
+            for start in self._starts("cache generation embeddings of the codes"):
+                stop = min(start + self.chunk, len(self.samples))
+                if features is not None:
+                    feats = features[start:stop].to(tok.dtype)
+                else:
+                    images = [self.samples[i].image for i in range(start, stop)]
+                    feats = tok.vision.features(preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std,
+                                                           cfg.resample).to(tok.dtype))
+                ids = tok.quantizer(tok.qformer(tok.vision.normalize(feats))).ids  # = tok.encode, from features
+                out.append(tok.decode_embeddings(ids).to(torch.float16))
         return torch.cat(out)
 
     def batch(self, indices: list[int], step: int = 0) -> dict[str, torch.Tensor]:
@@ -336,8 +338,8 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
                            cache_dir=out.parent / "cache", progress=progress and state.is_main_process,
                            target=dec_cfg.target, tokenizer=generator)
     if data.embed_dim != dec_cfg.embed_dim:
-        raise ConfigError(f"the {dec_cfg.condition} embeddings of {model_cfg.name} are {data.embed_dim}-d, the decoder "
-                          f"config expects {dec_cfg.embed_dim}")
+        raise ConfigError(f"the {dec_cfg.condition} embeddings of {model_cfg.name} are {data.embed_dim}-d, the "
+                          f"decoder config expects {dec_cfg.embed_dim}")
     decoder = new_decoder(dec_cfg, data)
     model = DecoderModel(decoder)
     task = DecoderTask(decoder, dec_cfg.embed_noise, dec_cfg.unet_batch)

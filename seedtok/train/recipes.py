@@ -94,9 +94,8 @@ def recipe(preset_name: str, stage: int, quick: bool = False, generation_only: b
         if quick:
             cfg = dataclasses.replace(cfg, **_TINY_QUICK[2])
         return dataclasses.replace(cfg)
-    cfg = recipe(preset_name, stage, quick) if generation_only else None
-    if cfg is not None:
-        return dataclasses.replace(cfg, train_parts="generation")
+    if generation_only:
+        return dataclasses.replace(recipe(preset_name, stage, quick), train_parts="generation")
     if preset_name in ("seed1", "seed2"):
         cfg = _PAPER[stage]
     elif preset_name == "tiny":

@@ -131,7 +131,10 @@ class Stage2:
         self.retrieval_weight = float(retrieval_weight)
         self.last_query_weight = float(last_query_weight)
         self.caption_weight = float(caption_weight)
-        if self.caption_weight and caption_bank is None:
+        if train_parts not in TRAIN_PARTS:
+            raise ConfigError(f"unknown train_parts {train_parts!r}; choose {' or '.join(TRAIN_PARTS)}")
+        self.generation_only = train_parts == "generation"  # the caption loss, like the codebook's, is unused
+        if self.caption_weight and caption_bank is None and not self.generation_only:
             raise ConfigError("caption_weight needs the training captions' text features: cached data "
                               "(cache_features), not streamed shards")
         self.caption_bank = caption_bank
@@ -142,9 +145,6 @@ class Stage2:
         if (generation_loss == "standardized" or self.generation_contrastive_weight) and teacher_stats is None:
             raise ConfigError("the standardised generation loss needs the teacher's statistics (teacher_stats)")
         self.teacher_stats = teacher_stats
-        if train_parts not in TRAIN_PARTS:
-            raise ConfigError(f"unknown train_parts {train_parts!r}; choose {' or '.join(TRAIN_PARTS)}")
-        self.generation_only = train_parts == "generation"
 
     def train_mode(self, model):
         model = _unwrap(model)
