@@ -322,9 +322,11 @@ class LMConfig:
     max_length: int = 128
     dtype: str = "fp32"
     # How training starts the code tokens' rows: "mean" (transformers' resize: every row near the mean
-    # embedding, so 1,024 codes look alike to the LM at first) or "codebook" (the image tokenizer's code vectors
+    # embedding, so 1,024 codes look alike to the LM at first), "codebook" (the image tokenizer's code vectors
     # through a fixed random projection, scaled to the base rows' spread: codes start as distinct, and codes
-    # near in the codebook start near in the LM). Used only by `seedtok train lm`; loading reads the trained rows.
+    # near in the codebook start near in the LM) or "captions" (a named deviation, tiny's choice: each code
+    # starts where the caption words of the training images that use it lie, `caption_rows`; unused codes as
+    # "codebook"). Used only by `seedtok train lm`; loading reads the trained rows.
     image_row_init: str = "mean"
     # The training mix (`seedtok train lm`), SPEC §3 by default: a pre-training sample is image -> caption with
     # probability ``image_first_fraction`` (0.5), caption -> image otherwise, and every token counts in its
@@ -375,7 +377,8 @@ def _lm_tiny() -> LMConfig:
     # adapter + 1,026 new rows at ~6 MB in fp16; r 16 would be ~11 MB.
     return LMConfig(name="tiny", base="smollm2-135m-instruct", tokenizer="tiny", codebook_size=1024,
                     prompt_format="plain", lora_r=8, lora_alpha=16, max_length=96,
-                    image_row_init="codebook")
+                    image_row_init="captions", image_first_fraction=0.6, label_leading_image=False,
+                    instruct_fraction=0.4)
 
 
 def _lm_seed_llama() -> LMConfig:

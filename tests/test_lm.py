@@ -91,6 +91,36 @@ def test_codebook_row_init_keeps_code_geometry(base):
         SeedLM.build(lm_config(folder), codebook=codebook[:5])
 
 
+def test_caption_row_init_points_codes_at_their_images_words(base):
+    _, folder = base
+    tok = word_tokenizer()
+    # code 0 only on red scenes, code 1 only on blue ones, codes 2-3 everywhere, the rest never used
+    ids = torch.tensor([[0, 2, 3], [0, 3, 2], [1, 2, 3], [1, 3, 2]])
+    captions = ["a cat on a red background", "a dog on a red background", "a cat on a blue background",
+                "a dog on a blue background"]
+    codebook = torch.randn(CODES, 8, generator=torch.Generator().manual_seed(3))
+    lm = SeedLM.build(lm_config(folder), codebook=codebook, captioned_ids=(ids, captions))
+    n = len(tok)
+    # the rows the LM trains (peft's trainable-token copies) hold the start, not only the base weight
+    weight = lm.model.get_input_embeddings()(torch.arange(lm.image_offset, lm.image_offset + CODES)).detach()
+    base_rows = lm.model.get_input_embeddings()(torch.arange(n)).detach()
+    red, blue = base_rows[tok.convert_tokens_to_ids("red")], base_rows[tok.convert_tokens_to_ids("blue")]
+    mean = base_rows.mean(0)
+    # code 0 lies towards "red" and away from "blue", code 1 the other way round
+    towards = (red - blue) / (red - blue).norm()
+    assert ((weight[0] - mean) @ towards) > 0 > ((weight[1] - mean) @ towards)
+    # codes used on every scene carry no direction: they sit at the base rows' mean
+    torch.testing.assert_close(weight[2], mean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(weight[3], mean, atol=1e-5, rtol=0)
+    # codes no image uses keep the codebook start
+    from seedtok.models.lm import codebook_rows
+
+    torch.testing.assert_close(weight[4:], codebook_rows(codebook, base_rows)[4:], atol=1e-5, rtol=1e-5)
+    # the used directions are scaled to the base rows' mean spread
+    spread = (base_rows - mean).norm(dim=1).mean()
+    assert torch.isclose((weight[:4] - mean).norm(dim=1).mean(), spread, rtol=1e-4)
+
+
 def test_token_layout_appended(base):
     _, folder = base
     lm = SeedLM.build(lm_config(folder))

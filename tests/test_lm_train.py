@@ -199,3 +199,23 @@ def test_evaluate_lm_metrics_and_language_kept(llama):
     assert result["t2i_identity_top1"] is None
     # a fresh adapter (LoRA B = 0) leaves the base LM's text untouched
     assert result["text_ppl_tuned"] == pytest.approx(result["text_ppl_base"], rel=1e-5)
+
+
+def test_row_init_options_start_training_from_the_captions(llama, ids_dir):
+    from seedtok.train.lm import _row_init
+
+    data = load_ids(ids_dir)
+    assert _row_init(lm_config(llama, image_row_init="mean"), data) == {}
+    start = _row_init(lm_config(llama, image_row_init="codebook"), data)
+    assert set(start) == {"codebook"} and start["codebook"].shape[0] == data.codebook_size
+    start = _row_init(lm_config(llama, image_row_init="captions"), data)
+    assert start["captioned_ids"][1] == data.captions and torch.equal(start["captioned_ids"][0], data.ids)
+    lm = SeedLM.build(lm_config(llama), **start)
+    only_codebook = SeedLM.build(lm_config(llama), codebook=start["codebook"])
+    rows = lambda m: m.model.get_input_embeddings()(torch.arange(m.image_offset, m.image_offset + 64)).detach()
+    used = torch.zeros(64, dtype=torch.bool)
+    used[data.ids.unique()] = True
+    assert not torch.allclose(rows(lm)[used], rows(only_codebook)[used])
+    torch.testing.assert_close(rows(lm)[~used], rows(only_codebook)[~used])
+    with pytest.raises(ConfigError, match="image_row_init"):
+        _row_init(lm_config(llama, image_row_init="words"), data)

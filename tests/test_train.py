@@ -84,6 +84,31 @@ def test_weight_decay_skips_biases_norms_and_scalars():
     assert "qformer.query_tokens" in {by_id[id(p)] for p in decay["params"]}
 
 
+def test_lr_scales_give_matching_parameters_their_own_learning_rate():
+    a, b, c = (torch.nn.Parameter(torch.zeros(2, 2)) for _ in range(3))
+    bias = torch.nn.Parameter(torch.zeros(2))
+    named = [("layer.lora_A.weight", a), ("rows.delta", b), ("layer.lora_B.weight", c), ("layer.lora_B.bias", bias)]
+    groups = parameter_groups(named, 0.05, lr=1e-3, lr_scales={"lora_": 0.2})
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(a)]["lr"] == by_param[id(c)]["lr"] == pytest.approx(2e-4)
+    assert by_param[id(b)]["lr"] == pytest.approx(1e-3)
+    assert by_param[id(bias)]["lr"] == pytest.approx(2e-4) and by_param[id(bias)]["weight_decay"] == 0.0
+    assert by_param[id(a)]["weight_decay"] == 0.05
+    # the first matching key wins; without scales, the two usual groups
+    first = parameter_groups(named, 0.05, lr=1e-3, lr_scales={"lora_A": 0.5, "lora_": 0.1})
+    assert {id(p): g["lr"] for g in first for p in g["params"]}[id(a)] == pytest.approx(5e-4)
+    assert len(parameter_groups(named, 0.05, lr=1e-3)) == 2
+    # the optimiser keeps the ratio through the schedule
+    cfg = TrainConfig(steps=10, lr=1e-3, min_lr=1e-4, warmup_steps=0, lr_scales={"lora_": 0.2})
+    opt = torch.optim.AdamW(parameter_groups(named, 0.0, cfg.lr, cfg.lr_scales), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    lrs = sorted(g["lr"] for g in opt.param_groups if g["params"])
+    assert lrs[0] / lrs[-1] == pytest.approx(0.2)
+
+
 def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr():
     cfg = TrainConfig(steps=110, lr=1e-4, min_lr=1e-5, warmup_steps=10, warmup_start_lr=1e-6)
     assert lr_factor(0, cfg) * cfg.lr == pytest.approx(1e-6)

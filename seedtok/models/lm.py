@@ -255,23 +255,33 @@ class SeedLM(nn.Module):
     # ------------------------------------------------------------------------------------------ build
     @classmethod
     def build(cls, config: LMConfig, base=None, relative_to: Path | None = None, seed: int = 0,
-              codebook: torch.Tensor | None = None) -> "SeedLM":
+              codebook: torch.Tensor | None = None, captioned_ids: tuple | None = None) -> "SeedLM":
         """Base LM (``base=(model, tokenizer)`` or ``config.base``) + image tokens + a fresh LoRA adapter.
-        ``codebook`` ([codebook_size, code_dim]): start the code tokens' rows from it (`codebook_rows`)."""
+        ``codebook`` ([codebook_size, code_dim]): start the code tokens' rows from it (`codebook_rows`).
+        ``captioned_ids`` ((ids [N, T], N captions)): start them from the captions of the images that use each
+        code (`caption_rows`; codes no image uses keep their codebook or mean start)."""
         model, tokenizer = base if base is not None else load_base(config.base, config.dtype, relative_to)
         offset = extend_vocabulary(tokenizer, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the new rows' random init is reproducible
             if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
                 model.resize_token_embeddings(len(tokenizer))
-        if codebook is not None:
-            if tuple(codebook.shape[:1]) != (config.codebook_size,):
-                raise ConfigError(f"a codebook of {codebook.shape[0]} codes cannot start the rows of "
-                                  f"{config.codebook_size} image tokens")
+        if codebook is not None and tuple(codebook.shape[:1]) != (config.codebook_size,):
+            raise ConfigError(f"a codebook of {codebook.shape[0]} codes cannot start the rows of "
+                              f"{config.codebook_size} image tokens")
+        if codebook is not None or captioned_ids is not None:
             with torch.no_grad():
                 weight = model.get_input_embeddings().weight
                 first_new = min([offset] + tokenizer.convert_tokens_to_ids([IMG_BEGIN, IMG_END]))
-                rows = codebook_rows(codebook, weight[:first_new], seed)  # the base vocabulary's rows
+                base_rows = weight[:first_new]  # the base vocabulary's rows
+                rows = weight[offset:offset + config.codebook_size].detach().float().clone()
+                if codebook is not None:
+                    rows = codebook_rows(codebook, base_rows, seed)
+                if captioned_ids is not None:
+                    ids, captions = captioned_ids
+                    texts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
+                    from_captions, used = caption_rows(ids, texts, base_rows, config.codebook_size)
+                    rows[used] = from_captions[used]
                 weight[offset:offset + config.codebook_size] = rows.to(weight.dtype)
         new_ids = [offset + i for i in range(config.codebook_size)]
         new_ids += [tokenizer.convert_tokens_to_ids(t) for t in (IMG_BEGIN, IMG_END)]
@@ -714,6 +724,34 @@ def codebook_rows(codebook: torch.Tensor, base_rows: torch.Tensor, seed: int = 0
     generator = torch.Generator().manual_seed(seed)
     projection = torch.linalg.qr(torch.randn(base.shape[1], codes.shape[1], generator=generator))[0]  # [H, d]
     return mean + spread * codes @ projection.t()
+
+
+def caption_rows(ids: torch.Tensor, captions: Sequence[Sequence[int]], base_rows: torch.Tensor,
+                 codebook_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial LM rows [K, H] for K code tokens from captioned training images (``ids`` [N, T], ``captions``:
+    N lists of base-vocabulary token ids), and a [K] mask of the codes any image uses.
+
+    Each image's caption becomes the mean of its tokens' base rows; each code, the mean of that over the
+    images that use it (counted once per position), minus the mean over all images: what sets the captions of
+    its images apart (for a code mostly seen on pink scenes, the direction of " pink"). Scaled so the mean
+    distance from the base rows' mean equals the base rows' mean spread, around that mean. Why: with rows that
+    only keep the codebook's geometry (`codebook_rows`), the LM must discover what each of the 1,024 codes
+    means before it can read; these rows already point where the words of their images lie."""
+    base = base_rows.detach().float()
+    mean = base.mean(dim=0)
+    spread = (base - mean).norm(dim=1).mean()
+    per_image = torch.stack([base[list(c)].mean(dim=0) if len(c) else mean for c in captions])  # [N, H]
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    sums = torch.zeros(codebook_size, base.shape[1])
+    counts = torch.zeros(codebook_size)
+    for position in range(ids.shape[1]):
+        sums.index_add_(0, ids[:, position], per_image)
+        counts.index_add_(0, ids[:, position], torch.ones(len(ids)))
+    used = counts > 0
+    offsets = torch.zeros_like(sums)
+    offsets[used] = sums[used] / counts[used, None] - per_image.mean(dim=0)
+    scale = offsets[used].norm(dim=1).mean().clamp(min=1e-12) if used.any() else torch.tensor(1.0)
+    return mean + spread * offsets / scale, used
 
 
 def extend_vocabulary(tokenizer, config: LMConfig) -> int:

@@ -34,9 +34,9 @@ LM_RECIPES = {
     # 480 steps of 16 (~45 tokens each): about three quarters of a pass over 10,000 extracted scenes (~5.5
     # s/step on 2 free cores). fp32: bf16 autocast was only ~15% faster per forward+backward here (3.6 vs 4.3 s
     # at 16 x 48 tokens, runs/exp/lmspeed.py)
-    "tiny": TrainConfig(steps=480, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.0,
+    "tiny": TrainConfig(steps=600, batch_size=16, lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.0,
                         betas=(0.9, 0.95), grad_clip=1.0, data="runs/lm-ids/emoji-train-10000",
-                        checkpoint_every=60, log_every=10),
+                        checkpoint_every=60, log_every=10, lr_scales={"lora_": 0.2}),
     "micro": TrainConfig(steps=6, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.0,
                          betas=(0.9, 0.95), data="", checkpoint_every=3, keep_checkpoints=2, log_every=1,
                          mixed_precision="no"),
@@ -123,15 +123,20 @@ def load_lm_run_config(spec: str, quick: bool = False) -> tuple[LMConfig, TrainC
     return model_cfg, with_overrides(base, train)
 
 
-def _codebook(config: LMConfig) -> torch.Tensor | None:
-    """The image tokenizer's codebook when ``image_row_init`` asks for it."""
+def _row_init(config: LMConfig, ids: IdsDataset) -> dict:
+    """`SeedLM.build`'s start for the code tokens' rows, as ``image_row_init`` asks: "mean" (transformers'
+    resize), "codebook" (the image tokenizer's codebook), "captions" (the training captions of the images
+    that use each code, the codebook for codes none uses)."""
+    if config.image_row_init not in ("mean", "codebook", "captions"):
+        raise ConfigError(f"unknown image_row_init {config.image_row_init!r}; choose mean, codebook or captions")
     if config.image_row_init == "mean":
-        return None
-    if config.image_row_init != "codebook":
-        raise ConfigError(f"unknown image_row_init {config.image_row_init!r}; choose mean or codebook")
+        return {}
     from ..models.tokenizer import SeedTokenizer
 
-    return SeedTokenizer.from_pretrained(config.tokenizer).quantizer.embedding.weight.detach().float()
+    codebook = SeedTokenizer.from_pretrained(config.tokenizer).quantizer.embedding.weight.detach().float()
+    if config.image_row_init == "codebook":
+        return {"codebook": codebook}
+    return {"codebook": codebook, "captioned_ids": (ids.ids, ids.captions)}
 
 
 def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None = None, out: str | Path | None = None,
@@ -152,7 +157,7 @@ def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None
     if not resume and latest_checkpoint(out) is not None:
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     ids = load_ids(train_cfg.data)  # fails early, before the LM is loaded
-    model = lm if lm is not None else SeedLM.build(model_cfg, seed=train_cfg.seed, codebook=_codebook(model_cfg))
+    model = lm if lm is not None else SeedLM.build(model_cfg, seed=train_cfg.seed, **_row_init(model_cfg, ids))
     if train_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     dataset = LMData(model, ids, seed=train_cfg.seed, max_length=model_cfg.max_length)

@@ -75,6 +75,10 @@ class TrainConfig:
     generation_loss: str = "mse"
     generation_contrastive_weight: float = 0.0
     train_parts: str = "all"
+    # per-parameter learning-rate multipliers: {substring of a parameter name: factor}, the first match wins
+    # (e.g. the LM's {"lora_": 0.2}: the adapter moves slower than the new token rows, so the base language
+    # drifts less while the image rows still learn fast)
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -174,13 +178,26 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def parameter_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """LAVIS's rule: no weight decay on biases, norms and parameters with fewer than 2 dimensions."""
-    decay, no_decay = [], []
+def parameter_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, lr: float | None = None,
+                     lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """LAVIS's rule: no weight decay on biases, norms and parameters with fewer than 2 dimensions. With
+    ``lr_scales`` ({name substring: factor}, first match wins), parameters are also grouped by their learning
+    rate ``lr * factor``; the decay group and the no-decay group at factor 1 always come first."""
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for name, param in named:
         skip = param.ndim < 2 or "bias" in name or "norm" in name.lower() or "ln_" in name
-        (no_decay if skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        scale = next((float(f) for key, f in lr_scales.items() if key in name), 1.0)
+        groups.setdefault((not skip, scale), []).append(param)
+    out = []
+    for (decay, scale), params in groups.items():
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if lr is not None:
+            group["lr"] = lr * scale
+        elif scale != 1.0:
+            raise ValueError("lr_scales needs the base lr")
+        out.append(group)
+    return out
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -247,14 +264,14 @@ class Trainer:
             # weights (here) and average gradients (_average_gradients).
             self._broadcast(p for _, p in named)
             self.engine = self.model
-            optimizer = torch.optim.AdamW(parameter_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+            optimizer = torch.optim.AdamW(parameter_groups(named, cfg.weight_decay, cfg.lr, cfg.lr_scales), lr=cfg.lr, betas=cfg.betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
         elif acc.distributed_type == DistributedType.FSDP:
             # FSDP: wrap first, then build the optimizer on the wrapped (flattened) parameters
             self.engine = acc.prepare(self.model)
             named = [(n, p) for n, p in self.engine.named_parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(parameter_groups(named, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+            optimizer = torch.optim.AdamW(parameter_groups(named, cfg.weight_decay, cfg.lr, cfg.lr_scales), lr=cfg.lr, betas=cfg.betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
         else:  # DeepSpeed: model, optimizer and scheduler go in together
@@ -263,7 +280,7 @@ class Trainer:
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
             # DeepSpeed drops empty parameter groups from the optimizer; the scheduler, made before, would keep
             # one lr per group and fail at its first step (e.g. LoRA + new rows: no <2-d parameter trains)
-            groups = [g for g in parameter_groups(named, cfg.weight_decay) if g["params"]]
+            groups = [g for g in parameter_groups(named, cfg.weight_decay, cfg.lr, cfg.lr_scales) if g["params"]]
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             self.engine, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
