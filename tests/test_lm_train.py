@@ -199,6 +199,27 @@ def test_evaluate_lm_metrics_and_language_kept(llama):
     assert result["t2i_identity_top1"] is None
     # a fresh adapter (LoRA B = 0) leaves the base LM's text untouched
     assert result["text_ppl_tuned"] == pytest.approx(result["text_ppl_base"], rel=1e-5)
+    # distinct scenes: the caption's loss depends on which ids precede it
+    assert np.isfinite(result["caption_nll_own"]) and result["caption_nll_own"] != result["caption_nll_other"]
+
+
+def test_caption_nll_is_the_mean_loss_of_the_caption_tokens_after_the_image(llama):
+    from seedtok.evaluate.lm import caption_nll
+
+    lm = SeedLM.build(lm_config(llama))
+    ids = torch.randint(0, 64, (3, 32), generator=torch.Generator().manual_seed(0))
+    captions = ["a red cat on a blue background", "a dog on a green background", "a star on a pink background"]
+    with torch.inference_mode():
+        total, count = 0.0, 0
+        for i in range(3):
+            seq, labels = lm.caption_sequence(ids[i], captions[i], True, label_image=False)
+            out = lm(input_ids=torch.tensor([seq]), labels=torch.tensor([labels]))
+            n = sum(l != IGNORE for l in labels[1:])
+            total, count = total + out.loss.item() * n, count + n
+    assert caption_nll(lm, ids, captions, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+    # the same ids for every scene: shuffling them changes nothing
+    same = ids[:1].expand(3, -1)
+    assert caption_nll(lm, same, captions) == pytest.approx(caption_nll(lm, same.roll(1, dims=0), captions))
 
 
 def test_row_init_options_start_training_from_the_captions(llama, ids_dir):

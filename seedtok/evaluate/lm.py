@@ -8,6 +8,9 @@ Metrics (`evaluate_lm`):
   (which emoji, which background colour, is there a ...) per scene (percent).
 - ``t2i_identity_top1`` / ``_top5`` / ``t2i_background_acc``: images drawn from the reference captions
   (ids -> `SeedTokenizer.decode`) scored by `EmojiScorer` (percent); None when the tokenizer has no image decoder.
+- ``caption_nll_own`` / ``caption_nll_other``: the reference caption's loss (nats per token, image first) after
+  the scene's own ids and after the next scene's: how much the LM's captions depend on the image it sees
+  (equal when it ignores the image).
 - ``text_ppl_base`` / ``text_ppl_tuned``: perplexity of a small fixed held-out plain-text set with the adapter
   off and on: the tuned LM should keep its language.
 """
@@ -104,6 +107,22 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], n: i
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+@torch.inference_mode()
+def caption_nll(lm, ids: torch.Tensor, captions: Sequence[str], batch_size: int = 8) -> float:
+    """Mean loss (nats per labelled token) of each caption (and its end token) after its row of ``ids``."""
+    total, count = 0.0, 0
+    for start in range(0, len(captions), batch_size):
+        rows = range(start, min(len(captions), start + batch_size))
+        batch = lm.collate([lm.caption_sequence(ids[i], captions[i], True, label_image=False) for i in rows],
+                           max_length=10_000)
+        logits = lm(input_ids=batch["input_ids"].to(lm.device),
+                    attention_mask=batch["attention_mask"].to(lm.device)).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:].to(lm.device)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        total, count = total + nll.item(), count + int((labels != -100).sum())
+    return total / max(1, count)
+
+
 def evaluate_lm(lm, samples: Sequence, n: int | None = None, batch_size: int = 8, t2i: bool = True,
                 seed: int = 0, progress: bool = True, scorer=None) -> dict:
     """Score a SeedLM on emoji-world samples (``Sample``s with meta "emoji", "background", "emoji_index")."""
@@ -160,6 +179,9 @@ def evaluate_lm(lm, samples: Sequence, n: int | None = None, batch_size: int = 8
                 scored = scorer.score(pictures, [s.meta for s in items])
                 result.update(t2i_identity_top1=scored.identity_top1, t2i_identity_top5=scored.identity_top5,
                               t2i_background_acc=scored.background_acc)
+    references = [s.caption for s in items]
+    result["caption_nll_own"] = caption_nll(lm, ids, references, batch_size)
+    result["caption_nll_other"] = caption_nll(lm, ids.roll(1, dims=0), references, batch_size)
     result["text_ppl_base"] = lm.perplexity(HELD_OUT_TEXT, base=True)
     result["text_ppl_tuned"] = lm.perplexity(HELD_OUT_TEXT)
     return result
