@@ -115,6 +115,11 @@ def test_lr_schedule_warms_up_then_follows_a_cosine_to_min_lr():
     assert lr_factor(10, cfg) == pytest.approx(1.0)
     assert lr_factor(60, cfg) * cfg.lr == pytest.approx(1e-5 + (1e-4 - 1e-5) / 2)
     assert lr_factor(110, cfg) * cfg.lr == pytest.approx(1e-5)
+    # a run that stops before its schedule ends follows the longer run's schedule exactly
+    longer = TrainConfig(steps=210, lr=1e-4, min_lr=1e-5, warmup_steps=10, warmup_start_lr=1e-6)
+    truncated = TrainConfig(steps=110, schedule_steps=210, lr=1e-4, min_lr=1e-5, warmup_steps=10, warmup_start_lr=1e-6)
+    assert [lr_factor(s, truncated) for s in range(111)] == [lr_factor(s, longer) for s in range(111)]
+    assert lr_factor(110, truncated) * truncated.lr == pytest.approx(1e-5 + (1e-4 - 1e-5) / 2)
 
 
 def test_batch_order_covers_each_epoch_once_and_shards_ranks():

@@ -41,6 +41,9 @@ STATE_NAME = "trainer_state.pt"
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    # length of the lr schedule (warm-up + cosine); None: ``steps``. Larger: the run stops before its cosine
+    # ends (the rest of the schedule is never used), so a longer run's first steps are reproduced exactly
+    schedule_steps: int | None = None
     batch_size: int = 64
     lr: float = 1e-4
     min_lr: float = 1e-5
@@ -201,11 +204,12 @@ def parameter_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float,
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at ``step``: linear warm-up from warmup_start_lr, then cosine to min_lr."""
+    """Multiplier of cfg.lr at ``step``: linear warm-up from warmup_start_lr, then cosine to min_lr at
+    ``schedule_steps`` (default: ``steps``)."""
     if step < cfg.warmup_steps:
         start = cfg.warmup_start_lr / cfg.lr
         return start + (1.0 - start) * step / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
+    span = max(1, (cfg.schedule_steps or cfg.steps) - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr / cfg.lr
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
