@@ -252,7 +252,7 @@ def _train_lm(args) -> int:
 
     result = train_lm(args.config, data=args.data, out=args.out, quick=args.quick, resume=args.resume,
                       steps=args.steps)
-    print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min, final loss {result.final_loss:.4f}; "
+    print(f"{result.summary()}; "
           f"model: {result.out_dir / 'final'}")
     return 0
 

@@ -317,3 +317,12 @@ def test_generation_only_recipes():
     assert tiny.generation_loss == "standardized" and tiny.generation_contrastive_weight > 0 and tiny.cache_features
     assert paper.generation_loss == "mse" and paper.generation_contrastive_weight == 0  # the paper's objective
     assert recipe("tiny", 2).train_parts == "all" and recipe("tiny", 2).generation_loss == "mse"
+
+
+def test_train_result_summary_says_when_a_resumed_run_had_nothing_left(tmp_path):
+    from seedtok.train.loop import TrainResult
+
+    done = TrainResult(steps=360, final_loss=float("nan"), seconds=0.01, out_dir=tmp_path)
+    assert done.summary() == "the run had already finished its 360 steps"
+    trained = TrainResult(steps=360, final_loss=1.25, seconds=120.0, out_dir=tmp_path)
+    assert trained.summary() == "trained 360 steps in 2.0 min, final loss 1.2500"

@@ -223,6 +223,12 @@ class TrainResult:
     out_dir: Path
     history: list[dict] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """One line for the CLI; a resumed run that was already finished trained nothing and has no loss."""
+        if math.isnan(self.final_loss):
+            return f"the run had already finished its {self.steps} steps"
+        return f"trained {self.steps} steps in {self.seconds / 60:.1f} min, final loss {self.final_loss:.4f}"
+
 
 class Trainer:
     """Runs a Task on a dataset for ``cfg.steps`` steps. The dataset is map-style (``len`` + ``batch(indices,
