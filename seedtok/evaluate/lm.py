@@ -115,11 +115,9 @@ def caption_nll(lm, ids: torch.Tensor, captions: Sequence[str], batch_size: int 
         rows = range(start, min(len(captions), start + batch_size))
         batch = lm.collate([lm.caption_sequence(ids[i], captions[i], True, label_image=False) for i in rows],
                            max_length=10_000)
-        logits = lm(input_ids=batch["input_ids"].to(lm.device),
-                    attention_mask=batch["attention_mask"].to(lm.device)).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:].to(lm.device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        total, count = total + nll.item(), count + int((labels != -100).sum())
+        out = lm(**{k: v.to(lm.device) for k, v in batch.items()})  # loss: mean over the labelled tokens
+        labelled = int((batch["labels"][:, 1:] != -100).sum())
+        total, count = total + out.loss.item() * labelled, count + labelled
     return total / max(1, count)
 
 

@@ -274,9 +274,8 @@ class SeedLM(nn.Module):
                 weight = model.get_input_embeddings().weight
                 first_new = min([offset] + tokenizer.convert_tokens_to_ids([IMG_BEGIN, IMG_END]))
                 base_rows = weight[:first_new]  # the base vocabulary's rows
-                rows = weight[offset:offset + config.codebook_size].detach().float().clone()
-                if codebook is not None:
-                    rows = codebook_rows(codebook, base_rows, seed)
+                rows = (codebook_rows(codebook, base_rows, seed) if codebook is not None
+                        else weight[offset:offset + config.codebook_size].float().clone())
                 if captioned_ids is not None:
                     ids, captions = captioned_ids
                     texts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]

@@ -268,20 +268,21 @@ class Trainer:
             raise ConfigError(f"{type(task).__name__} trains data-parallel only (its loss calls parts of the "
                               f"model); launch it with configs/accelerate/ddp.yaml, not {acc.distributed_type}")
         schedule = lambda step: lr_factor(step, cfg)  # noqa: E731
+        groups_of = lambda named: parameter_groups(named, cfg.weight_decay, cfg.lr, cfg.lr_scales)  # noqa: E731
         if not self.wrapped:
             # The model is not wrapped in DDP: tasks call its parts (vision, qformer, ...) directly, which DDP's
             # forward hooks would not see. DDP's two duties are done explicitly: broadcast rank 0's initial
             # weights (here) and average gradients (_average_gradients).
             self._broadcast(p for _, p in named)
             self.engine = self.model
-            optimizer = torch.optim.AdamW(parameter_groups(named, cfg.weight_decay, cfg.lr, cfg.lr_scales), lr=cfg.lr, betas=cfg.betas)
+            optimizer = torch.optim.AdamW(groups_of(named), lr=cfg.lr, betas=cfg.betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
         elif acc.distributed_type == DistributedType.FSDP:
             # FSDP: wrap first, then build the optimizer on the wrapped (flattened) parameters
             self.engine = acc.prepare(self.model)
             named = [(n, p) for n, p in self.engine.named_parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(parameter_groups(named, cfg.weight_decay, cfg.lr, cfg.lr_scales), lr=cfg.lr, betas=cfg.betas)
+            optimizer = torch.optim.AdamW(groups_of(named), lr=cfg.lr, betas=cfg.betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
         else:  # DeepSpeed: model, optimizer and scheduler go in together
@@ -290,7 +291,7 @@ class Trainer:
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
             # DeepSpeed drops empty parameter groups from the optimizer; the scheduler, made before, would keep
             # one lr per group and fail at its first step (e.g. LoRA + new rows: no <2-d parameter trains)
-            groups = [g for g in parameter_groups(named, cfg.weight_decay, cfg.lr, cfg.lr_scales) if g["params"]]
+            groups = [g for g in groups_of(named) if g["params"]]
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             self.engine, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
