@@ -315,6 +315,50 @@ def test_coarse_head_standardises_its_input():
     torch.testing.assert_close(other(emb * 3 - 2), head(emb), rtol=1e-4, atol=1e-4)
 
 
+def test_prototype_head_composites_the_chosen_prototype_on_its_background():
+    """coarse_prototypes=K: softmax over K learned RGBA images, mixed, composited on a predicted colour."""
+    head = TinyDecoder.random("micro").pipeline.coarse
+    k, size = head.config.prototypes, head.config.size
+    assert k == tiny_decoder_config("micro").coarse_prototypes > 0 and head.prototype_images.shape == (k, 4, size, size)
+    colour = torch.tensor([0.5, -0.25, 0.0])
+    with torch.no_grad():
+        head.prototype_images.normal_()
+        last = head.net[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[2] = 50.0  # prototype 2 takes (almost) all the weight
+        last.bias[k:] = torch.atanh(colour)
+    out = head(embeds(2))
+    alpha = head.prototype_images[2, 3].sigmoid()
+    expected = alpha * head.prototype_images[2, :3] + (1 - alpha) * colour[:, None, None]
+    torch.testing.assert_close(out, expected.expand(2, 3, size, size).detach(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # equal logits: the mean of the prototypes' colour and alpha
+        last.bias[:k] = 0.0
+    mix = head.prototype_images.mean(0)
+    alpha = mix[3].sigmoid()
+    torch.testing.assert_close(head(embeds(1))[0], (alpha * mix[:3] + (1 - alpha) * colour[:, None, None]).detach(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_prototypes_start_as_training_targets_with_an_alpha_from_the_border():
+    head = TinyDecoder.random("micro").pipeline.coarse
+    k, size = head.config.prototypes, head.config.size
+    images = torch.full((10, 3, size * 2, size * 2), 40, dtype=torch.uint8)  # a flat border colour...
+    images[:, :, 4:8, 6:12] = torch.arange(10, dtype=torch.uint8)[:, None, None, None] * 15 + 100  # ...and a subject
+    head.init_prototypes(images, seed=3)
+    small = torch.nn.functional.interpolate(images.float() / 127.5 - 1, size=(size, size), mode="area")
+    picked = [int(((small - p[:3]).abs().amax(dim=(1, 2, 3)) < 1e-6).nonzero()) for p in head.prototype_images]
+    assert len(set(picked)) == k  # K distinct images, each copied exactly
+    alpha = head.prototype_images[:, 3]
+    assert set(alpha.unique().tolist()) == {-3.0, 3.0}
+    assert (alpha[:, 2:4, 3:6] == 3).all() and (alpha[:, 0] == -3).all() and (alpha[:, -1] == -3).all()
+    other = TinyDecoder.random("micro").pipeline.coarse
+    other.init_prototypes(images, seed=3)
+    torch.testing.assert_close(other.prototype_images, head.prototype_images)  # deterministic by seed
+    with pytest.raises(ValueError, match="at least"):
+        other.init_prototypes(images[:k - 1])
+
+
 def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_path):
     """condition="generation": the embeddings are the tokenizer's decode_embeddings(encode(image)), also
     through the tokenizer's feature cache; the coarse head standardises by them; the run trains."""
@@ -336,6 +380,9 @@ def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_pat
     assert not torch.allclose(data.embeds.float(), data.teacher.float())
     dec = new_decoder(tiny_decoder_config("micro"), data)
     torch.testing.assert_close(dec.pipeline.coarse.input_mean, data.embeds.float().mean(0))
+    targets = torch.nn.functional.interpolate(data.pixels.float() / 127.5 - 1, size=(8, 8), mode="area")
+    for proto in dec.pipeline.coarse.prototype_images:  # the prototypes start as training targets
+        assert (targets - proto[:3]).abs().amax(dim=(1, 2, 3)).min() < 1e-6
     # from the tokenizer's feature cache (its backbone output) when there is one
     with torch.no_grad():
         feats = tok.vision.features(tok.preprocess(images)).half()

@@ -267,11 +267,14 @@ class DecoderTask:
 
 
 def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
-    """A randomly initialised decoder for training on ``data`` (its coarse head standardises inputs by the
-    data's teacher statistics)."""
+    """A randomly initialised decoder for training on ``data``: its coarse head standardises inputs by the
+    data's embedding statistics, and its prototypes (if any) start as training targets."""
     decoder = TinyDecoder.random(config)
-    if decoder.pipeline.coarse is not None:
-        decoder.pipeline.coarse.set_input_stats(data.embeds)
+    coarse = decoder.pipeline.coarse
+    if coarse is not None:
+        coarse.set_input_stats(data.embeds)
+        if config.coarse_prototypes:
+            coarse.init_prototypes(data.pixels, seed=config.seed)
     return decoder
 
 
