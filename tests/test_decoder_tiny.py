@@ -1,6 +1,7 @@
 """The tiny preset's image decoder (``TinyDecoder``) and its training, on the micro config: 48-d embeddings,
 16x16 pixels, a 2-level UNet, 3 DDIM steps."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -338,6 +339,28 @@ def test_prototype_head_composites_the_chosen_prototype_on_its_background():
     alpha = mix[3].sigmoid()
     torch.testing.assert_close(head(embeds(1))[0], (alpha * mix[:3] + (1 - alpha) * colour[:, None, None]).detach(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_prototype_temperature_sharpens_the_mix_and_is_a_saved_decode_setting(tmp_path):
+    import torch.nn.functional as F
+
+    dec = TinyDecoder.random(dataclasses.replace(tiny_decoder_config("micro"), coarse_temperature=0.25))
+    head = dec.pipeline.coarse
+    k = head.config.prototypes
+    emb = embeds(3)
+    with torch.no_grad():
+        out = head.net((emb - head.input_mean) / head.input_std)
+        weights = (out[:, :k] / 0.25).softmax(-1)
+        mix = torch.einsum("bk,kchw->bchw", weights, head.prototype_images)
+        alpha = mix[:, 3:].sigmoid()
+        expected = alpha * mix[:, :3] + (1 - alpha) * torch.tanh(out[:, k:])[:, :, None, None]
+        torch.testing.assert_close(head(emb, temperature=0.25), expected)
+        assert not torch.allclose(head(emb), expected)  # training's temperature 1 differs
+        torch.testing.assert_close(dec.pipeline.coarse_latents(emb, 16, 16),
+                                   dec.pipeline.to_latents(F.interpolate(expected, size=(16, 16), mode="bilinear",
+                                                                         align_corners=False)))
+    dec.save_pretrained(tmp_path / "dec")
+    assert TinyDecoder.from_pretrained(tmp_path / "dec").pipeline.config.coarse_temperature == 0.25
 
 
 def test_prototypes_start_as_training_targets_with_an_alpha_from_the_border():

@@ -480,6 +480,10 @@ class TinyDecoderConfig:
     # prototype head can commit to one drawing (22.4% / 39.0%, same 1,500 steps; runs/exp9/proto_exp.py,
     # not shipped). The prototypes start as K random training targets (``CoarseHead.init_prototypes``)
     coarse_prototypes: int = 0
+    # decoding: the prototype head's softmax temperature (< 1 commits more to the likeliest prototype; training
+    # uses 1). Coarse head alone after 1,100 training steps, 500 test scenes: identity top-1 12.6% at 1, 15.4%
+    # at 0.25 (runs/exp9/coarse_tau.py, not shipped). Stored in the checkpoint, like guidance_scale
+    coarse_temperature: float = 1.0
     # training: the coarse head is cheap and learns from every sample of a batch; the UNet (the cost) from the
     # first ``unet_batch`` of them (0: all)
     unet_batch: int = 0
@@ -507,7 +511,7 @@ class TinyDecoderConfig:
 TINY_DECODERS = {
     "tiny": lambda: TinyDecoderConfig(embed_dim=1712, coarse_size=32, unet_batch=48, embed_noise=0.2,
                                       target="centred", condition="generation", coarse_prototypes=1024,
-                                      coarse_hidden=384),
+                                      coarse_hidden=384, coarse_temperature=0.25),
     "micro": lambda: TinyDecoderConfig(embed_dim=48, image_size=16, block_out_channels=(16, 32),
                                        norm_num_groups=8, attention=True, attention_head_dim=8,
                                        num_inference_steps=3, coarse_size=8, coarse_hidden=32, unet_batch=3,
@@ -575,13 +579,15 @@ def _coarse_head_class():
             opaque = (rgb - border[:, :, None, None]).abs().amax(1, keepdim=True) > threshold
             self.prototype_images.copy_(torch.cat([rgb, opaque.float() * 6 - 3], 1).to(self.prototype_images.dtype))
 
-        def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        def forward(self, embeds: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+            """``temperature``: the prototype softmax's (decoding may sharpen it; no effect without
+            prototypes)."""
             size, k = self.config.size, self.config.prototypes
             x = (embeds - self.input_mean.to(embeds.dtype)) / self.input_std.to(embeds.dtype)
             out = self.net(x)
             if not k:
                 return out.view(-1, 3, size, size)
-            weights = out[:, :k].softmax(-1)
+            weights = (out[:, :k] / temperature).softmax(-1)
             mix = torch.einsum("bk,kchw->bchw", weights, self.prototype_images.to(out.dtype))
             alpha = mix[:, 3:].sigmoid()
             background = torch.tanh(out[:, k:])[:, :, None, None]
@@ -625,11 +631,12 @@ def _tiny_pipeline_class():
         _optional_components = ["coarse"]
 
         def __init__(self, unet, scheduler, coarse=None, guidance_scale: float = 2.0, num_inference_steps: int = 20,
-                     cond_dropout: float = 0.1, patch_size: int = 1):
+                     cond_dropout: float = 0.1, patch_size: int = 1, coarse_temperature: float = 1.0):
             super().__init__()
             self.register_modules(unet=unet, scheduler=scheduler, coarse=coarse)
             self.register_to_config(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                    cond_dropout=cond_dropout, patch_size=patch_size)
+                                    cond_dropout=cond_dropout, patch_size=patch_size,
+                                    coarse_temperature=coarse_temperature)
             self.vae_scale_factor = patch_size  # pixels per latent cell (space-to-depth, no VAE)
 
         def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -646,7 +653,8 @@ def _tiny_pipeline_class():
             (None without a coarse head)."""
             if self.coarse is None:
                 return None
-            return self.upsample_coarse(self.coarse(embeddings), height, width)
+            return self.upsample_coarse(self.coarse(embeddings, temperature=self.config.coarse_temperature),
+                                        height, width)
 
         def upsample_coarse(self, coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
             """A coarse image [B, 3, c, c] -> bilinearly upsampled to the output size, in the UNet's space."""
@@ -759,7 +767,7 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
                                       coarse=coarse.eval() if coarse is not None else None,
                                       guidance_scale=cfg.guidance_scale,
                                       num_inference_steps=cfg.num_inference_steps, cond_dropout=cfg.cond_dropout,
-                                      patch_size=cfg.patch_size)
+                                      patch_size=cfg.patch_size, coarse_temperature=cfg.coarse_temperature)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -816,7 +824,7 @@ class TinyDecoder(ImageDecoder):
         pipeline = _tiny_pipeline_class()(unet=unet, scheduler=self.pipeline.scheduler, coarse=coarse,
                                           **{k: self.pipeline.config[k] for k in
                                              ("guidance_scale", "num_inference_steps", "cond_dropout",
-                                              "patch_size")})
+                                              "patch_size", "coarse_temperature")})
         return atomic_write_folder(folder, lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
 
     def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type):
