@@ -28,7 +28,8 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, if not installed
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.append(os.path.dirname(_HERE))  # the repo root, if not installed
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -181,7 +182,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="denoising steps (SEED-2: 20)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--json-out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "decode.json"),
+    p.add_argument("--json-out", default=os.path.join(_HERE, "results", "decode.json"),
                    help="also write the results as JSON here ('' for none)")
     args = p.parse_args(argv)
     args.kinds = [s.strip() for s in args.kinds.split(",") if s.strip()]

@@ -276,8 +276,7 @@ def _train_tokenizer(args) -> int:
     result = train_tokenizer(args.config, args.stage, out=args.out, quick=args.quick, resume=args.resume,
                              init=args.init, steps=args.steps, causal=not args.no_causal,
                              generation_only=args.generation_only)
-    print(f"{result.summary()}; "
-          f"model: {result.out_dir / 'final'}")
+    print(f"{result.summary()}; model: {result.out_dir / 'final'}")
     return 0
 
 
@@ -399,8 +398,8 @@ def _train_decoder(args) -> int:
 
     result = train_decoder(args.config, out=args.out, quick=args.quick, resume=args.resume, steps=args.steps,
                            export=args.export, tokenizer=args.tokenizer)
-    print(f"{result.summary()}; "
-          f"decoder: {result.out_dir / 'final'}" + (f" (fp16 copy: {args.export})" if args.export else ""))
+    print(f"{result.summary()}; decoder: {result.out_dir / 'final'}"
+          + (f" (fp16 copy: {args.export})" if args.export else ""))
     return 0
 
 

@@ -252,8 +252,7 @@ def _train_lm(args) -> int:
 
     result = train_lm(args.config, data=args.data, out=args.out, quick=args.quick, resume=args.resume,
                       steps=args.steps)
-    print(f"{result.summary()}; "
-          f"model: {result.out_dir / 'final'}")
+    print(f"{result.summary()}; model: {result.out_dir / 'final'}")
     return 0
 
 

@@ -560,9 +560,10 @@ def _coarse_head_class():
         @torch.no_grad()
         def init_prototypes(self, images: torch.Tensor, seed: int = 0, threshold: float = 0.19) -> None:
             """Start the prototypes as K of these training targets [N, 3, H, W] (uint8, or floats in [-1, 1];
-            area-resized to the head's size), picked at random (``seed``), opaque (alpha logit +3) where a pixel differs from the image's median border
-            colour by more than ``threshold`` (~24/255) in some channel and transparent (-3) elsewhere: the
-            k-means-style data start of a codebook, so training refines drawings instead of finding them."""
+            area-resized to the head's size), picked at random (``seed``), opaque (alpha logit +3) where a pixel
+            differs from the image's median border colour by more than ``threshold`` (~24/255) in some channel
+            and transparent (-3) elsewhere: the k-means-style data start of a codebook, so training refines
+            drawings instead of finding them."""
             k = self.config.prototypes
             if not k:
                 raise ValueError("this coarse head has no prototypes")
