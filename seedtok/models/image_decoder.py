@@ -568,7 +568,8 @@ def _coarse_head_class():
             if not k:
                 raise ValueError("this coarse head has no prototypes")
             if len(images) < k:
-                raise ValueError(f"{k} prototypes need at least {k} images, got {len(images)}")
+                raise ConfigError(f"{k} coarse prototypes need at least {k} training images, got {len(images)}: "
+                                  f"use more data or fewer coarse_prototypes")
             pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:k]
             rgb = images[pick].float()
             if images.dtype == torch.uint8:
