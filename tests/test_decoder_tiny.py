@@ -382,6 +382,38 @@ def test_prototypes_start_as_training_targets_with_an_alpha_from_the_border():
         other.init_prototypes(images[:k - 1])
 
 
+def test_kmeans_plus_plus_prototypes_cover_distinct_subjects_whatever_the_background():
+    from seedtok.models.image_decoder import _coarse_head_class
+
+    head = _coarse_head_class()(embed_dim=4, size=8, hidden=8, prototypes=3)
+    # ten copies of one subject on ten background colours, and two other subjects: a random pick of 3 of the
+    # 12 usually repeats the first subject; k-means++ on the subjects alone never does
+    images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
+    images[:10] = torch.arange(10, dtype=torch.uint8)[:, None, None, None] * 20
+    images[:10, :, 2:6, 2:6] = 250
+    images[10, :, 1:7, 3:5] = torch.tensor([250, 0, 0], dtype=torch.uint8)[:, None, None]
+    images[11, :, 3:5, 1:7] = torch.tensor([0, 0, 250], dtype=torch.uint8)[:, None, None]
+    small = images.float() / 127.5 - 1
+
+    def subjects(head):
+        picked = [int(((small - p[:3]).abs().amax(dim=(1, 2, 3)) < 1e-6).nonzero()) for p in head.prototype_images]
+        return sorted(0 if i < 10 else i for i in picked)
+
+    repeats = 0
+    for seed in range(8):
+        head.init_prototypes(images, seed=seed, method="kmeans++")
+        assert subjects(head) == [0, 10, 11]
+        head.init_prototypes(images, seed=seed, method="random")
+        repeats += len(set(subjects(head))) < 3
+    assert repeats > 0  # the random pick does repeat a subject for some seed
+    again = _coarse_head_class()(embed_dim=4, size=8, hidden=8, prototypes=3)
+    again.init_prototypes(images, seed=7, method="kmeans++")
+    head.init_prototypes(images, seed=7, method="kmeans++")
+    torch.testing.assert_close(again.prototype_images, head.prototype_images)  # deterministic by seed
+    with pytest.raises(ConfigError, match="prototype init"):
+        head.init_prototypes(images, method="farthest")
+
+
 def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_path):
     """condition="generation": the embeddings are the tokenizer's decode_embeddings(encode(image)), also
     through the tokenizer's feature cache; the coarse head standardises by them; the run trains."""

@@ -244,7 +244,11 @@ class DecoderTask:
         logs = {"cond_kept": keep.mean().item()}
         coarse, coarse_loss = None, 0.0
         if model.coarse is not None:
-            coarse = model.coarse(emb)
+            # the head runs in fp32 under mixed precision: it is small, and in bf16 on this CPU one of its
+            # steps (batch 256, one thread) took over 1 s instead of 0.2 s, with a softmax over K prototypes
+            # and their mix rounded to 8 mantissa bits
+            with torch.autocast(emb.device.type, enabled=False):
+                coarse = model.coarse(emb.float())
             small = F.interpolate(pixels, size=coarse.shape[-2:], mode="area")
             coarse_loss = F.mse_loss(coarse.float(), small.float())
             logs["coarse_mse"] = coarse_loss.item()
@@ -268,13 +272,14 @@ class DecoderTask:
 
 def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
     """A randomly initialised decoder for training on ``data``: its coarse head standardises inputs by the
-    data's embedding statistics, and its prototypes (if any) start as training targets."""
+    data's embedding statistics, and its prototypes (if any) start as training targets
+    (``config.coarse_prototype_init``)."""
     decoder = TinyDecoder.random(config)
     coarse = decoder.pipeline.coarse
     if coarse is not None:
         coarse.set_input_stats(data.embeds)
         if config.coarse_prototypes:
-            coarse.init_prototypes(data.pixels, seed=config.seed)
+            coarse.init_prototypes(data.pixels, seed=config.seed, method=config.coarse_prototype_init)
     return decoder
 
 
