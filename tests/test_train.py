@@ -326,3 +326,22 @@ def test_train_result_summary_says_when_a_resumed_run_had_nothing_left(tmp_path)
     assert done.summary() == "the run had already finished its 360 steps"
     trained = TrainResult(steps=360, final_loss=1.25, seconds=120.0, out_dir=tmp_path)
     assert trained.summary() == "trained 360 steps in 2.0 min, final loss 1.2500"
+
+
+def test_auto_mixed_precision_uses_bf16_only_where_the_cpu_computes_in_it(tmp_path, monkeypatch):
+    from seedtok.train import loop
+
+    amx = tmp_path / "amx"
+    amx.write_text("processor : 0\nflags : fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor : 0\nflags : fpu sse avx2 fma\n")
+    assert loop.cpu_has_native_bf16(amx) and not loop.cpu_has_native_bf16(avx2)
+    assert not loop.cpu_has_native_bf16(tmp_path / "missing")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert loop.auto_mixed_precision() == "bf16"
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    assert loop.auto_mixed_precision() == "no"
+    from seedtok.train.recipes import decoder_recipe
+
+    assert decoder_recipe("tiny").mixed_precision == "auto"

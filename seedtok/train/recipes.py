@@ -57,14 +57,14 @@ _MICRO = {
 }
 
 
-# The tiny image decoder (seedtok.train.decoder). bf16 autocast on the CPU (AMX) is ~3x faster than fp32 here
-# (a UNet step at batch 32, one thread: 3.0 s vs 10 s). Batches of 256 train the coarse head; their first 48
+# The tiny image decoder (seedtok.train.decoder). Mixed precision "auto": bf16 autocast on a CPU with AMX is ~3x
+# faster than fp32 (a UNet step at batch 32, one thread: 3.0 s vs 10 s), on one without bf16 units ~20x slower. Batches of 256 train the coarse head; their first 48
 # (TinyDecoderConfig.unet_batch) train the UNet, the cost of a step. The data is the tokenizer's (its feature
 # cache is reused for the teacher embeddings). The coarse head (MLP and prototypes) learns at 1.6x the UNet's lr
 # (~1e-3, the rate the prototype head was screened at).
 _DECODER = {
     "tiny": TrainConfig(steps=1500, batch_size=256, lr=6e-4, min_lr=1e-5, warmup_steps=100, weight_decay=0.01,
-                        grad_clip=1.0, data="emoji:train:24000", mixed_precision="bf16", checkpoint_every=100,
+                        grad_clip=1.0, data="emoji:train:24000", mixed_precision="auto", checkpoint_every=100,
                         log_every=10, lr_scales={"coarse.": 1.6}),
     "micro": TrainConfig(steps=4, batch_size=4, lr=1e-3, min_lr=1e-4, warmup_steps=1, weight_decay=0.0,
                          data="emoji:train:16", checkpoint_every=2, log_every=1),
