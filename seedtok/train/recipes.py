@@ -58,7 +58,8 @@ _MICRO = {
 
 
 # The tiny image decoder (seedtok.train.decoder). Mixed precision "auto": bf16 autocast on a CPU with AMX is ~3x
-# faster than fp32 (a UNet step at batch 32, one thread: 3.0 s vs 10 s), on one without bf16 units ~20x slower. Batches of 256 train the coarse head; their first 48
+# faster than fp32 (a UNet step at batch 32, one thread: 3.0 s vs 10 s), on one without bf16 units ~20x slower
+# (a step at 2 threads: 66 s vs 3 s). Batches of 256 train the coarse head; their first 48
 # (TinyDecoderConfig.unet_batch) train the UNet, the cost of a step. The data is the tokenizer's (its feature
 # cache is reused for the teacher embeddings). The coarse head (MLP and prototypes) learns at 1.6x the UNet's lr
 # (~1e-3, the rate the prototype head was screened at).
