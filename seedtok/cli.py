@@ -149,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", default=None, metavar="MODEL",
                    help="condition=generation: the trained tokenizer whose code embeddings to learn from "
                         "(default: the config's preset)")
+    q.add_argument("--coarse-only", action="store_true",
+                   help="train a new coarse head on the frozen UNet of the trained decoder --init")
+    q.add_argument("--init", type=Path, default=None, metavar="DECODER_DIR",
+                   help="with --coarse-only: the trained decoder folder whose UNet to keep")
     q.set_defaults(func=_train_decoder)
 
     p = sub.add_parser("eval", help="evaluate")
@@ -397,7 +401,8 @@ def _train_decoder(args) -> int:
     from .train.decoder import train_decoder
 
     result = train_decoder(args.config, out=args.out, quick=args.quick, resume=args.resume, steps=args.steps,
-                           export=args.export, tokenizer=args.tokenizer)
+                           export=args.export, tokenizer=args.tokenizer, init=args.init,
+                           coarse_only=args.coarse_only)
     print(f"{result.summary()}; decoder: {result.out_dir / 'final'}"
           + (f" (fp16 copy: {args.export})" if args.export else ""))
     return 0

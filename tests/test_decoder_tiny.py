@@ -238,7 +238,7 @@ def test_train_resume_is_exact_and_the_result_loads(tmp_path):
     data = DecoderData(preset("micro"), open_source(train_cfg.data), train_cfg.data, 16,
                        cache_dir=tmp_path / "cache", progress=False, target=dec_cfg.target)
     dec = new_decoder(dec_cfg, data)
-    Trainer(train_cfg, DecoderModel(dec), DecoderTask(dec, dec_cfg.embed_noise, dec_cfg.unet_batch), data,
+    Trainer(train_cfg, DecoderModel(dec), DecoderTask.for_config(dec, dec_cfg), data,
             tmp_path / "cut", progress=False).fit(stop_after=3)
     resumed = train_decoder("micro", out=tmp_path / "cut", resume=True, export=tmp_path / "half", progress=False)
     assert resumed.steps == 4
@@ -253,6 +253,30 @@ def test_train_resume_is_exact_and_the_result_loads(tmp_path):
         train_decoder("micro", out=tmp_path / "full", progress=False)
     with pytest.raises(ConfigError, match="no image decoder recipe"):
         train_decoder("seed2", out=tmp_path / "x", progress=False)
+
+
+def test_coarse_only_trains_a_new_head_on_a_frozen_unet(tmp_path, monkeypatch):
+    from seedtok.train.decoder import train_decoder
+
+    train_decoder("micro", out=tmp_path / "full", progress=False)
+    calls = []
+    pipeline_class = type(TinyDecoder.random("micro").pipeline)
+    predict = pipeline_class.predict
+    monkeypatch.setattr(pipeline_class, "predict", lambda self, *a, **k: calls.append(1) or predict(self, *a, **k))
+    result = train_decoder("micro", out=tmp_path / "head", coarse_only=True, init=tmp_path / "full" / "final",
+                           progress=False)
+    assert result.steps == 4 and not calls  # the UNet never ran
+    full = TinyDecoder.from_pretrained(tmp_path / "full" / "final").pipeline
+    head = TinyDecoder.from_pretrained(tmp_path / "head" / "final").pipeline
+    a, b = full.unet.state_dict(), head.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the UNet is the init's
+    fresh = TinyDecoder.random("micro").pipeline.coarse.state_dict()
+    c = head.coarse.state_dict()
+    assert not torch.equal(c["net.0.weight"], fresh["net.0.weight"])  # a trained head
+    with pytest.raises(ConfigError, match="--init"):
+        train_decoder("micro", out=tmp_path / "x", coarse_only=True, progress=False)
+    with pytest.raises(ConfigError, match="--coarse-only"):
+        train_decoder("micro", out=tmp_path / "y", init=tmp_path / "full" / "final", progress=False)
 
 
 def test_coarse_head_conditions_the_unet_and_learns_only_from_its_own_loss(micro_data, monkeypatch):
@@ -412,6 +436,71 @@ def test_kmeans_plus_plus_prototypes_cover_distinct_subjects_whatever_the_backgr
     torch.testing.assert_close(again.prototype_images, head.prototype_images)  # deterministic by seed
     with pytest.raises(ConfigError, match="prototype init"):
         head.init_prototypes(images, method="farthest")
+
+
+def test_nearest_prototypes_name_the_subject_not_the_background():
+    from seedtok.models.image_decoder import _coarse_head_class
+
+    head = _coarse_head_class()(embed_dim=4, size=8, hidden=8, prototypes=3)
+    images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)  # as above: one subject on ten backgrounds, two others
+    images[:10] = torch.arange(10, dtype=torch.uint8)[:, None, None, None] * 20
+    images[:10, :, 2:6, 2:6] = 250
+    images[10, :, 1:7, 3:5] = torch.tensor([250, 0, 0], dtype=torch.uint8)[:, None, None]
+    images[11, :, 3:5, 1:7] = torch.tensor([0, 0, 250], dtype=torch.uint8)[:, None, None]
+    pick = head.init_prototypes(images, seed=1, method="kmeans++")
+    targets = head.nearest_prototypes(images, pick)
+    assert targets.dtype == torch.long and targets.shape == (12,)
+    assert (targets[pick] == torch.arange(3)).all()  # each picked image is its own prototype
+    own = {0 if int(i) < 10 else int(i): j for j, i in enumerate(pick.tolist())}
+    assert targets.tolist() == [own[0]] * 10 + [own[10], own[11]]  # every background of subject 0 alike
+
+
+def test_prototype_cross_entropy_and_background_loss(micro_data):
+    """coarse_prototype_ce / coarse_background_weight: the head's loss is MSE + w_ce * CE(logits of the kept
+    embeddings, each target's nearest prototype) + w_bg * MSE(background, the target's border colour)."""
+    from seedtok.train.decoder import new_decoder
+
+    cfg = dataclasses.replace(tiny_decoder_config("micro"), coarse_prototype_ce=0.5, coarse_background_weight=3.0)
+    micro_data.prototype_targets = None
+    dec = new_decoder(cfg, micro_data)
+    try:
+        _check_prototype_losses(dec, micro_data)
+    finally:
+        micro_data.prototype_targets = None  # the fixture is shared
+
+
+def _check_prototype_losses(dec, micro_data):
+    import torch.nn.functional as F
+
+    from seedtok.models.image_decoder import border_colour
+    from seedtok.train.decoder import DecoderModel, DecoderTask
+
+    head = dec.pipeline.coarse
+    targets = micro_data.prototype_targets
+    assert targets is not None and len(targets) == len(micro_data) and 0 <= targets.min() <= targets.max() < 6
+    batch = micro_data.batch(list(range(8)))
+    torch.testing.assert_close(batch["prototype"], targets[:8])
+    task = DecoderTask(dec, 0.0, 3, prototype_ce=0.5, background_weight=3.0)
+    task.cond_dropout = 0.5
+    seen = []
+    forward = head.forward
+    head.forward = lambda emb, **k: seen.append(emb) or forward(emb, **k)
+    torch.manual_seed(2)
+    _, logs = task.loss(DecoderModel(dec), batch)
+    kept = (seen[0] != 0).any(1)
+    assert 0 < kept.sum() < 8  # some embeddings dropped: the cross-entropy skips them
+    image, logits, background = forward(seen[0], return_parts=True)
+    torch.testing.assert_close(image, forward(seen[0]))
+    small = F.interpolate(batch["pixels"], size=(8, 8), mode="area")
+    assert logs["prototype_ce"] == pytest.approx(F.cross_entropy(logits[kept], targets[:8][kept]).item(), rel=1e-5)
+    assert logs["background_mse"] == pytest.approx(F.mse_loss(background, border_colour(small)).item(), rel=1e-5)
+    plain = DecoderTask(dec, 0.0, 3)
+    torch.manual_seed(2)
+    assert "prototype_ce" not in plain.loss(DecoderModel(dec), batch)[1]  # off unless asked for
+    no_targets = micro_data.batch(list(range(8)))
+    no_targets.pop("prototype")
+    with pytest.raises(ConfigError, match="prototype targets"):
+        task.loss(DecoderModel(dec), no_targets)
 
 
 def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_path):

@@ -10,7 +10,9 @@ the scene's codes): what decoding will actually feed it.
 Loss: optional embedding noise (``embed_noise``, a share of each dimension's batch std), then condition
 dropout: each embedding is replaced by the null (all-zeros) embedding with probability ``cond_dropout``, which
 is what the decoder's classifier-free guidance contrasts with. With a coarse head (``coarse_size``): MSE
-between its image and the area-downsampled target, over the whole batch. Diffusion: diffusers'
+between its image and the area-downsampled target, over the whole batch; with prototypes, optionally a
+cross-entropy towards each target's nearest prototype (``coarse_prototype_ce``, on kept embeddings only) and
+an MSE on its background colour (``coarse_background_weight``). Diffusion: diffusers'
 ``DDPMScheduler`` noises the target pixels ([-1, 1]) at a uniform timestep; the UNet, given the noisy pixels
 and the (detached, upsampled) coarse image, predicts the scheduler's ``prediction_type`` target (x0 by
 default) for the first ``unet_batch`` samples; plain MSE. The two losses are summed. Noise, timesteps and
@@ -47,8 +49,12 @@ from ..data.transforms import preprocess
 from ..errors import CheckpointError, ConfigError
 # the centred training target is the scorer's view of a scene (one definition of "centred", shared)
 from ..evaluate.emoji_scorer import normalize_scene
-from ..models.image_decoder import TINY_DECODERS, TinyDecoder, TinyDecoderConfig, tiny_decoder_config
+from ..models.image_decoder import TINY_DECODERS, TinyDecoder, TinyDecoderConfig, border_colour, tiny_decoder_config
 from .loop import TrainConfig, TrainResult, read_run_file, with_overrides
+
+#: what ``TrainConfig.train_parts`` may train of a decoder: everything, or the coarse head alone (the UNet of an
+#: ``--init`` decoder kept as it is)
+DECODER_PARTS = ("all", "coarse")
 
 __all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "new_decoder", "train_decoder"]
 
@@ -99,6 +105,9 @@ class DecoderData:
         #: the conditioning embeddings the decoder learns from: the teacher's, or ``tokenizer``'s generation
         #: embeddings of the images' codes
         self.embeds = self.teacher
+        #: [N] long, or None: each target's nearest starting prototype (`new_decoder` sets it when the
+        #: decoder config has ``coarse_prototype_ce``)
+        self.prototype_targets: torch.Tensor | None = None
         if tokenizer is not None:
             key = _key(config, data_spec, 0, "generation") + "-" + _weights_digest(tokenizer)
             self.embeds = _load_or_compute(cache_dir / f"generation-{key}.safetensors",
@@ -167,7 +176,10 @@ class DecoderData:
 
     def batch(self, indices: list[int], step: int = 0) -> dict[str, torch.Tensor]:
         pixels = self.pixels[indices].float().div_(127.5).sub_(1.0)
-        return {"pixels": pixels, "embeds": self.embeds[indices].float()}
+        batch = {"pixels": pixels, "embeds": self.embeds[indices].float()}
+        if self.prototype_targets is not None:
+            batch["prototype"] = self.prototype_targets[indices]
+        return batch
 
 
 class _ConfigHolder:
@@ -195,12 +207,13 @@ class DecoderModel(nn.Module):
     def save_pretrained(self, folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         return self.decoder.save_pretrained(folder, dtype=dtype)
 
-    def load_checkpoint(self, folder: str | os.PathLike) -> None:
-        """Load the UNet (and coarse head) weights of a folder ``save_pretrained`` wrote (the loop's resume)."""
+    def load_checkpoint(self, folder: str | os.PathLike, parts: Sequence[str] = ("unet", "coarse")) -> None:
+        """Load the UNet (and coarse head) weights of a folder ``save_pretrained`` wrote (the loop's resume;
+        ``parts=("unet",)``: a trained UNet under a new coarse head)."""
         from safetensors.torch import load_file
 
         for name, module in (("unet", self.unet), ("coarse", self.coarse)):
-            if module is None:
+            if module is None or name not in parts:
                 continue
             path = Path(folder) / name / "diffusion_pytorch_model.safetensors"
             if not path.is_file():
@@ -215,7 +228,8 @@ class DecoderModel(nn.Module):
 class DecoderTask:
     """Denoising loss with condition dropout (see the module docstring)."""
 
-    def __init__(self, decoder: TinyDecoder, embed_noise: float = 0.0, unet_batch: int = 0):
+    def __init__(self, decoder: TinyDecoder, embed_noise: float = 0.0, unet_batch: int = 0,
+                 prototype_ce: float = 0.0, background_weight: float = 0.0, train_parts: str = "all"):
         from diffusers import DDPMScheduler
 
         config = decoder.pipeline.scheduler.config
@@ -223,13 +237,25 @@ class DecoderTask:
                                        beta_schedule=config.beta_schedule, prediction_type=config.prediction_type)
         self.cond_dropout = float(decoder.pipeline.config.cond_dropout)
         self.embed_noise, self.unet_batch = embed_noise, unet_batch
+        self.prototype_ce, self.background_weight = prototype_ce, background_weight
+        if train_parts not in DECODER_PARTS:
+            raise ConfigError(f"unknown decoder train_parts {train_parts!r}; choose {' or '.join(DECODER_PARTS)}")
+        if train_parts == "coarse" and decoder.pipeline.coarse is None:
+            raise ConfigError("train_parts=\"coarse\" needs a decoder config with a coarse head (coarse_size)")
+        self.coarse_only = train_parts == "coarse"  # the UNet stays as it is and is not run
         self.pipeline = decoder.pipeline
+
+    @classmethod
+    def for_config(cls, decoder: TinyDecoder, config: TinyDecoderConfig, train_parts: str = "all") -> "DecoderTask":
+        """The task with a decoder config's training options."""
+        return cls(decoder, config.embed_noise, config.unet_batch, config.coarse_prototype_ce,
+                   config.coarse_background_weight, train_parts)
 
     def train_mode(self, model):
         model.train()
 
     def trainable_parameters(self, model):
-        params = [(f"unet.{n}", p) for n, p in model.unet.named_parameters()]
+        params = [] if self.coarse_only else [(f"unet.{n}", p) for n, p in model.unet.named_parameters()]
         if model.coarse is not None:
             params += [(f"coarse.{n}", p) for n, p in model.coarse.named_parameters()]
         return params
@@ -246,11 +272,29 @@ class DecoderTask:
         if model.coarse is not None:
             # the head runs in fp32 under mixed precision: it is small (its step costs little next to the
             # UNet's), and in bf16 its softmax over K prototypes and their mix keep 8 mantissa bits
+            parts = model.coarse.config.prototypes and (self.prototype_ce or self.background_weight)
             with torch.autocast(emb.device.type, enabled=False):
-                coarse = model.coarse(emb.float())
+                coarse = model.coarse(emb.float(), return_parts=bool(parts))
+            if parts:
+                coarse, logits, background = coarse
             small = F.interpolate(pixels, size=coarse.shape[-2:], mode="area")
             coarse_loss = F.mse_loss(coarse, small)
             logs["coarse_mse"] = coarse_loss.item()
+            if parts and self.prototype_ce:
+                if "prototype" not in batch:
+                    raise ConfigError("coarse_prototype_ce needs the data's prototype targets (new_decoder sets them)")
+                # dropped (null) embeddings say nothing of the emoji: no class to learn from them
+                kept = keep[:, 0] > 0
+                if kept.any():
+                    ce = F.cross_entropy(logits[kept], batch["prototype"][kept])
+                    coarse_loss = coarse_loss + self.prototype_ce * ce
+                    logs["prototype_ce"] = ce.item()
+            if parts and self.background_weight:
+                bg = F.mse_loss(background, border_colour(small))
+                coarse_loss = coarse_loss + self.background_weight * bg
+                logs["background_mse"] = bg.item()
+        if self.coarse_only:
+            return coarse_loss, logs
         if self.unet_batch and len(emb) > self.unet_batch:
             pixels, emb = pixels[:self.unet_batch], emb[:self.unet_batch]
             coarse = coarse[:self.unet_batch] if coarse is not None else None
@@ -272,13 +316,16 @@ class DecoderTask:
 def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
     """A randomly initialised decoder for training on ``data``: its coarse head standardises inputs by the
     data's embedding statistics, and its prototypes (if any) start as training targets
-    (``config.coarse_prototype_init``)."""
+    (``config.coarse_prototype_init``); with ``config.coarse_prototype_ce`` it also sets
+    ``data.prototype_targets`` (deterministic: a resumed run recomputes the same)."""
     decoder = TinyDecoder.random(config)
     coarse = decoder.pipeline.coarse
     if coarse is not None:
         coarse.set_input_stats(data.embeds)
         if config.coarse_prototypes:
-            coarse.init_prototypes(data.pixels, seed=config.seed, method=config.coarse_prototype_init)
+            pick = coarse.init_prototypes(data.pixels, seed=config.seed, method=config.coarse_prototype_init)
+            if config.coarse_prototype_ce:
+                data.prototype_targets = coarse.nearest_prototypes(data.pixels, pick)
     return decoder
 
 
@@ -314,16 +361,25 @@ def load_decoder_run_config(spec: str, quick: bool = False
 
 def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bool = False, resume: bool = False,
                   steps: int | None = None, export: str | Path | None = None, progress: bool = True,
-                  tokenizer: str | Path | None = None) -> TrainResult:
+                  tokenizer: str | Path | None = None, init: str | Path | None = None,
+                  coarse_only: bool = False) -> TrainResult:
     """Train the tiny image decoder; the trained decoder is saved to ``OUT/final`` (fp32) and, with ``export``,
     also there in fp16 (the bundled form: ``seedtok/weights/tiny/decoder``). ``tokenizer`` (a preset or model
-    folder; default the run's preset): whose generation embeddings ``condition="generation"`` learns from."""
+    folder; default the run's preset): whose generation embeddings ``condition="generation"`` learns from.
+    ``coarse_only`` (``train_parts="coarse"``): a new coarse head, as the config says, on the UNet of the
+    trained decoder folder ``init``, which stays frozen (minutes instead of an hour: the UNet is not run)."""
     from ..data.sources import open_source
     from .loop import Trainer, latest_checkpoint
 
     model_cfg, dec_cfg, train_cfg = load_decoder_run_config(config, quick)
     if steps:
         train_cfg.steps = steps
+    if coarse_only:
+        train_cfg.train_parts = "coarse"
+    if train_cfg.train_parts == "coarse" and init is None:
+        raise ConfigError("training the coarse head alone keeps a trained decoder's UNet: pass --init DECODER_DIR")
+    if init is not None and train_cfg.train_parts != "coarse":
+        raise ConfigError("--init is for --coarse-only (a full decoder run starts from random weights)")
     name = f"{model_cfg.name}-decoder{'-quick' if quick else ''}"
     out = Path(out) if out else Path("runs") / name
     if not resume and latest_checkpoint(out) is not None:
@@ -349,7 +405,9 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
                           f"decoder config expects {dec_cfg.embed_dim}")
     decoder = new_decoder(dec_cfg, data)
     model = DecoderModel(decoder)
-    task = DecoderTask(decoder, dec_cfg.embed_noise, dec_cfg.unet_batch)
+    if init is not None:
+        model.load_checkpoint(init, parts=("unet",))
+    task = DecoderTask.for_config(decoder, dec_cfg, train_cfg.train_parts)
     trainer = Trainer(train_cfg, model, task, data, out, progress=progress and state.is_main_process)
     if resume:
         trainer.resume()

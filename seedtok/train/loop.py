@@ -77,6 +77,7 @@ class TrainConfig:
     # dimension by the training data's statistics); + ``generation_contrastive_weight`` x InfoNCE between
     # standardised generation and teacher embeddings of the global batch. ``train_parts="generation"``
     # retrains only the generation branch of an ``--init`` stage-2 model: its ids stay exactly the same.
+    # The image decoder's ``train_parts="coarse"`` trains a new coarse head on an ``--init`` decoder's UNet.
     generation_loss: str = "mse"
     generation_contrastive_weight: float = 0.0
     train_parts: str = "all"
