@@ -16,6 +16,9 @@ from seedtok.models.image_decoder import (DECODERS, DecodeInputError, TinyDecode
                                           build_tiny_pipeline, tiny_decoder_config)
 
 D = 48
+# the micro decoder with a regressed background colour instead of its learned palette
+REGRESSED_BACKGROUND = dataclasses.replace(tiny_decoder_config("micro"), coarse_background_colours=0,
+                                           coarse_background_ce=0.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small models: threads only add overhead
@@ -342,7 +345,7 @@ def test_coarse_head_standardises_its_input():
 
 def test_prototype_head_composites_the_chosen_prototype_on_its_background():
     """coarse_prototypes=K: softmax over K learned RGBA images, mixed, composited on a predicted colour."""
-    head = TinyDecoder.random("micro").pipeline.coarse
+    head = TinyDecoder.random(REGRESSED_BACKGROUND).pipeline.coarse
     k, size = head.config.prototypes, head.config.size
     assert k == tiny_decoder_config("micro").coarse_prototypes > 0 and head.prototype_images.shape == (k, 4, size, size)
     colour = torch.tensor([0.5, -0.25, 0.0])
@@ -368,7 +371,7 @@ def test_prototype_head_composites_the_chosen_prototype_on_its_background():
 def test_prototype_temperature_sharpens_the_mix_and_is_a_saved_decode_setting(tmp_path):
     import torch.nn.functional as F
 
-    dec = TinyDecoder.random(dataclasses.replace(tiny_decoder_config("micro"), coarse_temperature=0.25))
+    dec = TinyDecoder.random(dataclasses.replace(REGRESSED_BACKGROUND, coarse_temperature=0.25))
     head = dec.pipeline.coarse
     k = head.config.prototypes
     emb = embeds(3)
@@ -460,7 +463,8 @@ def test_prototype_cross_entropy_and_background_loss(micro_data):
     embeddings, each target's nearest prototype) + w_bg * MSE(background, the target's border colour)."""
     from seedtok.train.decoder import new_decoder
 
-    cfg = dataclasses.replace(tiny_decoder_config("micro"), coarse_prototype_ce=0.5, coarse_background_weight=3.0)
+    cfg = dataclasses.replace(tiny_decoder_config("micro"), coarse_prototype_ce=0.5, coarse_background_weight=3.0,
+                              coarse_background_colours=0)
     micro_data.prototype_targets = None
     dec = new_decoder(cfg, micro_data)
     try:
@@ -489,7 +493,8 @@ def _check_prototype_losses(dec, micro_data):
     _, logs = task.loss(DecoderModel(dec), batch)
     kept = (seen[0] != 0).any(1)
     assert 0 < kept.sum() < 8  # some embeddings dropped: the cross-entropy skips them
-    image, logits, background = forward(seen[0], return_parts=True)
+    image, logits, background, background_logits = forward(seen[0], return_parts=True)
+    assert background_logits is None  # the micro head regresses its background
     torch.testing.assert_close(image, forward(seen[0]))
     small = F.interpolate(batch["pixels"], size=(8, 8), mode="area")
     assert logs["prototype_ce"] == pytest.approx(F.cross_entropy(logits[kept], targets[:8][kept]).item(), rel=1e-5)
@@ -501,6 +506,55 @@ def _check_prototype_losses(dec, micro_data):
     no_targets.pop("prototype")
     with pytest.raises(ConfigError, match="prototype targets"):
         task.loss(DecoderModel(dec), no_targets)
+
+
+def test_background_colours_are_a_learned_palette_picked_from_the_borders(micro_data):
+    """coarse_background_colours=C: the background is softmax(linear(x) / temperature) @ C learned colours,
+    started as k-means++ picks of the targets' border colours; coarse_background_ce teaches each target's
+    nearest one (kept embeddings only)."""
+    import torch.nn.functional as F
+
+    from seedtok.models.image_decoder import _coarse_head_class
+    from seedtok.train.decoder import DecoderModel, DecoderTask, new_decoder
+
+    head = _coarse_head_class()(embed_dim=4, size=8, hidden=8, prototypes=2, background_colours=3)
+    images = torch.zeros(9, 3, 8, 8, dtype=torch.uint8)
+    images[:, 0] = torch.tensor([10, 10, 10, 200, 200, 200, 90, 90, 90], dtype=torch.uint8)[:, None, None]
+    images[:, :, 3:5, 3:5] = 255  # a subject that must not count
+    pick = head.init_background_colours(images, seed=0)
+    palette = sorted(round(v) for v in (head.background_palette[:, 0] * 127.5 + 127.5).tolist())
+    assert palette == [10, 90, 200]  # all three backgrounds, none twice
+    targets = head.nearest_background_colours(images, pick)
+    assert [int(pick[t]) // 3 for t in targets] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    x = torch.randn(2, 4)
+    image, _, background, background_logits = head(x, temperature=0.5, return_parts=True)
+    expected = (head.background_logits((x - head.input_mean) / head.input_std) / 0.5).softmax(-1) @ \
+        head.background_palette
+    torch.testing.assert_close(background, expected)
+    assert background_logits.shape == (2, 3) and head.net[-1].out_features == 2  # no regressed colour
+    with pytest.raises(ConfigError, match="needs prototypes"):
+        _coarse_head_class()(embed_dim=4, size=8, hidden=8, background_colours=3)
+
+    cfg = dataclasses.replace(tiny_decoder_config("micro"), coarse_background_colours=4, coarse_background_ce=2.0)
+    micro_data.prototype_targets = micro_data.background_targets = None
+    try:
+        dec = new_decoder(cfg, micro_data)
+        assert micro_data.background_targets is not None and len(micro_data.background_targets) == len(micro_data)
+        task = DecoderTask.for_config(dec, cfg)
+        assert task.background_ce == 2.0
+        task.cond_dropout = 0.5
+        batch = micro_data.batch(list(range(8)))
+        seen = []
+        forward = dec.pipeline.coarse.forward
+        dec.pipeline.coarse.forward = lambda emb, **k: seen.append(emb) or forward(emb, **k)
+        torch.manual_seed(2)
+        _, logs = task.loss(DecoderModel(dec), batch)
+        kept = (seen[0] != 0).any(1)
+        *_, logits = forward(seen[0], return_parts=True)
+        want = F.cross_entropy(logits[kept], batch["background"][kept])
+        assert 0 < kept.sum() < 8 and logs["background_ce"] == pytest.approx(want.item(), rel=1e-5)
+    finally:
+        micro_data.prototype_targets = micro_data.background_targets = None
 
 
 def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_path):

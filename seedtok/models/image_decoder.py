@@ -497,6 +497,14 @@ class TinyDecoderConfig:
     # training: an MSE of this weight between the head's background colour and the target's border colour
     # (`border_colour`), so the classifier's pull does not cost the background (which the scorer also reads)
     coarse_background_weight: float = 0.0
+    # ``coarse_background_colours`` = C > 0 (a named deviation, tiny): the background is a softmax mix of C learned
+    # colours (started as k-means++ picks of the training targets' border colours, `init_background_colours`)
+    # weighed by a linear map of the embedding, sharpened at decode like the prototypes, and taught with a
+    # cross-entropy of weight ``coarse_background_ce`` towards each target's nearest starting colour. Why: a
+    # regressed colour between two likely ones is neither, and the prototype cross-entropy crowds the shared
+    # hidden layer (coarse head alone, test background accuracy: RESULT_BG)
+    coarse_background_colours: int = 0
+    coarse_background_ce: float = 0.0
     # decoding: the prototype head's softmax temperature (< 1 commits more to the likeliest prototype; training
     # uses 1). Coarse head alone after 1,100 training steps, 500 test scenes: identity top-1 12.6% at 1, 15.4%
     # at 0.25 (runs/exp9/coarse_tau.py, not shipped). Stored in the checkpoint, like guidance_scale
@@ -529,12 +537,14 @@ TINY_DECODERS = {
     "tiny": lambda: TinyDecoderConfig(embed_dim=1712, coarse_size=32, unet_batch=48, embed_noise=0.2,
                                       target="centred", condition="generation", coarse_prototypes=1024,
                                       coarse_hidden=384, coarse_temperature=0.25,
-                                      coarse_prototype_init="kmeans++"),
+                                      coarse_prototype_init="kmeans++", coarse_prototype_ce=3.0,
+                                      coarse_background_colours=16, coarse_background_ce=1.0),
     "micro": lambda: TinyDecoderConfig(embed_dim=48, image_size=16, block_out_channels=(16, 32),
                                        norm_num_groups=8, attention=True, attention_head_dim=8,
                                        num_inference_steps=3, coarse_size=8, coarse_hidden=32, unet_batch=3,
                                        embed_noise=0.2, target="centred", coarse_prototypes=6,
-                                       coarse_prototype_ce=1.0, coarse_background_weight=10.0),
+                                       coarse_prototype_ce=1.0, coarse_background_colours=4,
+                                       coarse_background_ce=1.0),
 }
 
 
@@ -571,11 +581,13 @@ def _coarse_head_class():
 
         ``prototypes`` = 0: an MLP regresses the pixels. ``prototypes`` = K: the MLP gives K logits and a
         background colour; the image is the softmax-weighted mix of K learned RGBA images (colour, alpha logit)
-        composited on that colour, so a confident embedding draws one sharp learned image."""
+        composited on that colour, so a confident embedding draws one sharp learned image.
+        ``background_colours`` = C > 0 (with prototypes): the background is likewise a softmax mix of C learned
+        colours, weighed by a linear map of the input, instead of the MLP's regressed colour."""
 
         @register_to_config
         def __init__(self, embed_dim: int = 1280, size: int = 32, hidden: int = 1024, layers: int = 1,
-                     prototypes: int = 0):
+                     prototypes: int = 0, background_colours: int = 0):
             super().__init__()
             self.register_buffer("input_mean", torch.zeros(embed_dim))
             self.register_buffer("input_std", torch.ones(embed_dim))
@@ -583,10 +595,16 @@ def _coarse_head_class():
             mlp: list[nn.Module] = []
             for a, b in zip(widths[:-1], widths[1:]):
                 mlp += [nn.Linear(a, b), nn.GELU()]
-            outputs = prototypes + 3 if prototypes else 3 * size * size  # logits + background, or pixels
+            if background_colours and not prototypes:
+                raise ConfigError("background_colours needs prototypes")
+            # logits (+ a regressed background colour), or pixels
+            outputs = prototypes + (0 if background_colours else 3) if prototypes else 3 * size * size
             self.net = nn.Sequential(*mlp, nn.Linear(hidden, outputs))
             if prototypes:
                 self.prototype_images = nn.Parameter(0.1 * torch.randn(prototypes, 4, size, size))
+            if background_colours:
+                self.background_logits = nn.Linear(embed_dim, background_colours)
+                self.background_palette = nn.Parameter(torch.zeros(background_colours, 3))
 
         @torch.no_grad()
         def set_input_stats(self, embeds: torch.Tensor) -> None:
@@ -651,10 +669,34 @@ def _coarse_head_class():
             opaque = (rgb - border_colour(rgb)[:, :, None, None]).abs().amax(1, keepdim=True) > threshold
             return rgb, opaque.float()
 
+        @torch.no_grad()
+        def init_background_colours(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+            """Start the C background colours as the border colours (`border_colour`) of C of these training
+            targets picked by k-means++ seeding, so they span the backgrounds seen; returns the picked rows."""
+            c = self.config.background_colours
+            if not c:
+                raise ValueError("this coarse head has no background colours")
+            borders = self.image_borders(images)
+            pick = _kmeans_plus_plus(borders, c, torch.Generator().manual_seed(seed))
+            self.background_palette.copy_(borders[pick].to(self.background_palette.dtype))
+            return pick
+
+        def image_borders(self, images: torch.Tensor) -> torch.Tensor:
+            """[N, 3] in [-1, 1]: each image's border colour at the head's size."""
+            return border_colour(self._subjects(images, 0.0)[0])
+
+        @torch.no_grad()
+        def nearest_background_colours(self, images: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+            """[N] long: for each image, the starting background colour (index into ``pick``, the rows
+            `init_background_colours` returned) nearest its own border colour: the class
+            ``TinyDecoderConfig.coarse_background_ce`` teaches."""
+            borders = self.image_borders(images)
+            return torch.cdist(borders, borders[pick]).argmin(1)
+
         def forward(self, embeds: torch.Tensor, temperature: float = 1.0, return_parts: bool = False):
             """``temperature``: the prototype softmax's (decoding may sharpen it; no effect without
             prototypes). ``return_parts`` (prototypes only, training): (image, the K logits, the background
-            colour [B, 3] in [-1, 1])."""
+            colour [B, 3] in [-1, 1], the C background logits or None)."""
             size, k = self.config.size, self.config.prototypes
             x = (embeds - self.input_mean.to(embeds.dtype)) / self.input_std.to(embeds.dtype)
             out = self.net(x)
@@ -663,9 +705,14 @@ def _coarse_head_class():
             weights = (out[:, :k] / temperature).softmax(-1)
             mix = torch.einsum("bk,kchw->bchw", weights, self.prototype_images.to(out.dtype))
             alpha = mix[:, 3:].sigmoid()
-            background = torch.tanh(out[:, k:])
+            background_logits = None
+            if self.config.background_colours:
+                background_logits = self.background_logits(x)
+                background = (background_logits / temperature).softmax(-1) @ self.background_palette.to(out.dtype)
+            else:
+                background = torch.tanh(out[:, k:])
             image = alpha * mix[:, :3] + (1 - alpha) * background[:, :, None, None]
-            return (image, out[:, :k], background) if return_parts else image
+            return (image, out[:, :k], background, background_logits) if return_parts else image
 
     CoarseHead.__module__ = __name__
     return CoarseHead
@@ -831,7 +878,8 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
             resnet_time_scale_shift="scale_shift", norm_num_groups=cfg.norm_num_groups,
             attention_head_dim=cfg.attention_head_dim)
         coarse = _coarse_head_class()(embed_dim=cfg.embed_dim, size=cfg.coarse_size, hidden=cfg.coarse_hidden,
-                                      layers=cfg.coarse_layers, prototypes=cfg.coarse_prototypes) \
+                                      layers=cfg.coarse_layers, prototypes=cfg.coarse_prototypes,
+                                      background_colours=cfg.coarse_background_colours) \
             if cfg.coarse_size else None
     # trailing timesteps: the first sampling step starts from (almost) pure noise, as training's last t
     scheduler = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,

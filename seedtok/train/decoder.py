@@ -11,8 +11,9 @@ Loss: optional embedding noise (``embed_noise``, a share of each dimension's bat
 dropout: each embedding is replaced by the null (all-zeros) embedding with probability ``cond_dropout``, which
 is what the decoder's classifier-free guidance contrasts with. With a coarse head (``coarse_size``): MSE
 between its image and the area-downsampled target, over the whole batch; with prototypes, optionally a
-cross-entropy towards each target's nearest prototype (``coarse_prototype_ce``, on kept embeddings only) and
-an MSE on its background colour (``coarse_background_weight``). Diffusion: diffusers'
+cross-entropy towards each target's nearest prototype (``coarse_prototype_ce``, on kept embeddings only), an
+MSE on its background colour (``coarse_background_weight``) and a cross-entropy towards the target's nearest
+background colour (``coarse_background_ce``, with ``coarse_background_colours``). Diffusion: diffusers'
 ``DDPMScheduler`` noises the target pixels ([-1, 1]) at a uniform timestep; the UNet, given the noisy pixels
 and the (detached, upsampled) coarse image, predicts the scheduler's ``prediction_type`` target (x0 by
 default) for the first ``unet_batch`` samples; plain MSE. The two losses are summed. Noise, timesteps and
@@ -108,6 +109,8 @@ class DecoderData:
         #: [N] long, or None: each target's nearest starting prototype (`new_decoder` sets it when the
         #: decoder config has ``coarse_prototype_ce``)
         self.prototype_targets: torch.Tensor | None = None
+        #: [N] long, or None: each target's nearest starting background colour (``coarse_background_ce``)
+        self.background_targets: torch.Tensor | None = None
         if tokenizer is not None:
             key = _key(config, data_spec, 0, "generation") + "-" + _weights_digest(tokenizer)
             self.embeds = _load_or_compute(cache_dir / f"generation-{key}.safetensors",
@@ -179,6 +182,8 @@ class DecoderData:
         batch = {"pixels": pixels, "embeds": self.embeds[indices].float()}
         if self.prototype_targets is not None:
             batch["prototype"] = self.prototype_targets[indices]
+        if self.background_targets is not None:
+            batch["background"] = self.background_targets[indices]
         return batch
 
 
@@ -229,7 +234,8 @@ class DecoderTask:
     """Denoising loss with condition dropout (see the module docstring)."""
 
     def __init__(self, decoder: TinyDecoder, embed_noise: float = 0.0, unet_batch: int = 0,
-                 prototype_ce: float = 0.0, background_weight: float = 0.0, train_parts: str = "all"):
+                 prototype_ce: float = 0.0, background_weight: float = 0.0, train_parts: str = "all",
+                 background_ce: float = 0.0):
         from diffusers import DDPMScheduler
 
         config = decoder.pipeline.scheduler.config
@@ -238,6 +244,7 @@ class DecoderTask:
         self.cond_dropout = float(decoder.pipeline.config.cond_dropout)
         self.embed_noise, self.unet_batch = embed_noise, unet_batch
         self.prototype_ce, self.background_weight = prototype_ce, background_weight
+        self.background_ce = background_ce
         if train_parts not in DECODER_PARTS:
             raise ConfigError(f"unknown decoder train_parts {train_parts!r}; choose {' or '.join(DECODER_PARTS)}")
         if train_parts == "coarse" and decoder.pipeline.coarse is None:
@@ -249,7 +256,7 @@ class DecoderTask:
     def for_config(cls, decoder: TinyDecoder, config: TinyDecoderConfig, train_parts: str = "all") -> "DecoderTask":
         """The task with a decoder config's training options."""
         return cls(decoder, config.embed_noise, config.unet_batch, config.coarse_prototype_ce,
-                   config.coarse_background_weight, train_parts)
+                   config.coarse_background_weight, train_parts, config.coarse_background_ce)
 
     def train_mode(self, model):
         model.train()
@@ -272,19 +279,20 @@ class DecoderTask:
         if model.coarse is not None:
             # the head runs in fp32 under mixed precision: it is small (its step costs little next to the
             # UNet's), and in bf16 its softmax over K prototypes and their mix keep 8 mantissa bits
-            parts = model.coarse.config.prototypes and (self.prototype_ce or self.background_weight)
+            parts = model.coarse.config.prototypes and (self.prototype_ce or self.background_weight
+                                                        or self.background_ce)
             with torch.autocast(emb.device.type, enabled=False):
                 coarse = model.coarse(emb.float(), return_parts=bool(parts))
             if parts:
-                coarse, logits, background = coarse
+                coarse, logits, background, background_logits = coarse
+            # dropped (null) embeddings say nothing of the scene: no class to learn from them
+            kept = keep[:, 0] > 0
             small = F.interpolate(pixels, size=coarse.shape[-2:], mode="area")
             coarse_loss = F.mse_loss(coarse, small)
             logs["coarse_mse"] = coarse_loss.item()
             if parts and self.prototype_ce:
                 if "prototype" not in batch:
                     raise ConfigError("coarse_prototype_ce needs the data's prototype targets (new_decoder sets them)")
-                # dropped (null) embeddings say nothing of the emoji: no class to learn from them
-                kept = keep[:, 0] > 0
                 if kept.any():
                     ce = F.cross_entropy(logits[kept], batch["prototype"][kept])
                     coarse_loss = coarse_loss + self.prototype_ce * ce
@@ -293,6 +301,14 @@ class DecoderTask:
                 bg = F.mse_loss(background, border_colour(small))
                 coarse_loss = coarse_loss + self.background_weight * bg
                 logs["background_mse"] = bg.item()
+            if parts and self.background_ce:
+                if background_logits is None or "background" not in batch:
+                    raise ConfigError("coarse_background_ce needs coarse_background_colours and the data's "
+                                      "background targets (new_decoder sets them)")
+                if kept.any():
+                    ce = F.cross_entropy(background_logits[kept], batch["background"][kept])
+                    coarse_loss = coarse_loss + self.background_ce * ce
+                    logs["background_ce"] = ce.item()
         if self.coarse_only:
             return coarse_loss, logs
         if self.unet_batch and len(emb) > self.unet_batch:
@@ -316,8 +332,9 @@ class DecoderTask:
 def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
     """A randomly initialised decoder for training on ``data``: its coarse head standardises inputs by the
     data's embedding statistics, and its prototypes (if any) start as training targets
-    (``config.coarse_prototype_init``); with ``config.coarse_prototype_ce`` it also sets
-    ``data.prototype_targets`` (deterministic: a resumed run recomputes the same)."""
+    (``config.coarse_prototype_init``), and so do its background colours; with ``config.coarse_prototype_ce``
+    / ``coarse_background_ce`` it also sets ``data.prototype_targets`` / ``background_targets``
+    (deterministic: a resumed run recomputes the same)."""
     decoder = TinyDecoder.random(config)
     coarse = decoder.pipeline.coarse
     if coarse is not None:
@@ -326,6 +343,10 @@ def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
             pick = coarse.init_prototypes(data.pixels, seed=config.seed, method=config.coarse_prototype_init)
             if config.coarse_prototype_ce:
                 data.prototype_targets = coarse.nearest_prototypes(data.pixels, pick)
+        if config.coarse_background_colours:
+            pick = coarse.init_background_colours(data.pixels, seed=config.seed)
+            if config.coarse_background_ce:
+                data.background_targets = coarse.nearest_background_colours(data.pixels, pick)
     return decoder
 
 
