@@ -94,6 +94,39 @@ def test_guidance_uses_zeros_or_the_negative_embedding(decoder, monkeypatch):
                                               output_type="np"), plain)
 
 
+def test_strength_refines_the_noised_coarse_image(tmp_path, monkeypatch):
+    """strength s < 1 (SDEdit): start from the coarse image noised to the level of the last s share of the
+    timesteps and run only those; s = 1 (default) samples from pure noise; stored in model_index.json."""
+    dec = TinyDecoder.random(dataclasses.replace(tiny_decoder_config("micro"), num_inference_steps=4,
+                                                 strength=0.5))
+    pipe = dec.pipeline
+    emb = embeds(2)
+    noise = torch.randn(2, 12, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+    predict = pipe.predict
+    monkeypatch.setattr(pipe, "predict", lambda sample, t, e, c=None: seen.append((sample.clone(), t)) or
+                        predict(sample, t, e, c))
+    pipe(image_embeds=emb, latents=noise, guidance_scale=1.0, output_type="pt")  # the config's 0.5
+    pipe.scheduler.set_timesteps(4)
+    start = pipe.scheduler.timesteps[2]
+    assert [t for _, t in seen] == pipe.scheduler.timesteps[2:].tolist()  # the last half of the steps
+    expected = pipe.scheduler.add_noise(pipe.coarse_latents(emb, 16, 16), noise, start.expand(2))
+    torch.testing.assert_close(seen[0][0], expected)
+    assert not torch.allclose(seen[0][0], noise, atol=0.1)
+    seen.clear()
+    pipe(image_embeds=emb, latents=noise, guidance_scale=2.0, strength=0.25, output_type="pt")
+    assert len(seen) == 1 and seen[0][0].shape[0] == 4  # guided: [uncond; cond], both from the cond drawing
+    torch.testing.assert_close(seen[0][0][2:], pipe.scheduler.add_noise(
+        pipe.coarse_latents(emb, 16, 16), noise, pipe.scheduler.timesteps[3].expand(2)))
+    seen.clear()
+    pipe(image_embeds=emb, latents=noise, guidance_scale=1.0, strength=1.0, output_type="pt")
+    assert len(seen) == 4 and torch.equal(seen[0][0], noise)  # strength 1: pure noise, every step
+    with pytest.raises(ValueError, match="strength"):
+        pipe(image_embeds=emb, strength=0.0)
+    dec.save_pretrained(tmp_path / "dec")
+    assert TinyDecoder.from_pretrained(tmp_path / "dec").pipeline.config.strength == 0.5
+
+
 def test_given_latents_and_bad_inputs(decoder):
     emb = embeds(2)
     latents = torch.randn(1, 12, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -529,6 +529,9 @@ class TinyDecoderConfig:
     condition: str = "teacher"
     guidance_scale: float = 2.0  # decode defaults, stored in the checkpoint
     num_inference_steps: int = 20
+    # decoding (with a coarse head): 1 samples from pure noise; s < 1 starts from the coarse image noised to the
+    # level of the last s share of the steps and runs only those (SDEdit; `TinyDecoderPipeline.__call__`)
+    strength: float = 1.0
     seed: int = 0  # random init
 
 
@@ -752,12 +755,13 @@ def _tiny_pipeline_class():
         _optional_components = ["coarse"]
 
         def __init__(self, unet, scheduler, coarse=None, guidance_scale: float = 2.0, num_inference_steps: int = 20,
-                     cond_dropout: float = 0.1, patch_size: int = 1, coarse_temperature: float = 1.0):
+                     cond_dropout: float = 0.1, patch_size: int = 1, coarse_temperature: float = 1.0,
+                     strength: float = 1.0):
             super().__init__()
             self.register_modules(unet=unet, scheduler=scheduler, coarse=coarse)
             self.register_to_config(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                     cond_dropout=cond_dropout, patch_size=patch_size,
-                                    coarse_temperature=coarse_temperature)
+                                    coarse_temperature=coarse_temperature, strength=strength)
             self.vae_scale_factor = patch_size  # pixels per latent cell (space-to-depth, no VAE)
 
         def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -794,7 +798,11 @@ def _tiny_pipeline_class():
                      guidance_scale: float | None = None, num_inference_steps: int | None = None,
                      generator=None, latents: torch.Tensor | None = None, height: int | None = None,
                      width: int | None = None, output_type: str = "pil", eta: float = 0.0,
-                     return_dict: bool = True):
+                     return_dict: bool = True, strength: float | None = None):
+            """``strength`` < 1 (with a coarse head; SDEdit, Meng et al. 2022, as diffusers' img2img
+            ``strength``): sampling starts from the coarse image noised to the level of the last
+            ``strength`` share of the timesteps and runs only those, so the UNet refines the head's drawing
+            instead of redrawing it from noise (``latents``, when given, are that noise)."""
             unet = self.unet
             param = next(unet.parameters())
             device, dtype = param.device, param.dtype
@@ -819,13 +827,22 @@ def _tiny_pipeline_class():
                 cond = emb
             coarse = self.coarse_latents(cond, height, width)
             self.scheduler.set_timesteps(steps, device=device)
+            timesteps = self.scheduler.timesteps
+            strength = float(self.config.get("strength", 1.0) if strength is None else strength)
+            if not 0.0 < strength <= 1.0:
+                raise ValueError(f"strength must lie in (0, 1], got {strength}")
+            if strength < 1.0 and coarse is not None:
+                timesteps = timesteps[steps - max(1, round(steps * strength)):]
+                start = coarse[n:] if cfg else coarse  # the conditional half's drawing
+                latents = self.scheduler.add_noise(start, latents / self.scheduler.init_noise_sigma,
+                                                   timesteps[:1].expand(n))
             extra = {}
             params = inspect.signature(self.scheduler.step).parameters
             if "eta" in params:
                 extra["eta"] = eta
             if "generator" in params:
                 extra["generator"] = generator
-            for t in self.progress_bar(self.scheduler.timesteps):
+            for t in self.progress_bar(timesteps):
                 model_input = torch.cat([latents, latents]) if cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 out = self.predict(model_input, t, cond, coarse)
@@ -889,7 +906,8 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
                                       coarse=coarse.eval() if coarse is not None else None,
                                       guidance_scale=cfg.guidance_scale,
                                       num_inference_steps=cfg.num_inference_steps, cond_dropout=cfg.cond_dropout,
-                                      patch_size=cfg.patch_size, coarse_temperature=cfg.coarse_temperature)
+                                      patch_size=cfg.patch_size, coarse_temperature=cfg.coarse_temperature,
+                                      strength=cfg.strength)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -946,7 +964,8 @@ class TinyDecoder(ImageDecoder):
         pipeline = _tiny_pipeline_class()(unet=unet, scheduler=self.pipeline.scheduler, coarse=coarse,
                                           **{k: self.pipeline.config[k] for k in
                                              ("guidance_scale", "num_inference_steps", "cond_dropout",
-                                              "patch_size", "coarse_temperature")})
+                                              "patch_size", "coarse_temperature", "strength")
+                                             if k in self.pipeline.config})
         return atomic_write_folder(folder, lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
 
     def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type):
