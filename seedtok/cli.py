@@ -327,10 +327,16 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the decoder's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the decoder's)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="tiny decoder: share of the steps run from its noised coarse image, in (0, 1] "
+                        "(1: from pure noise; default: the decoder's)")
 
 
 def _decode_kwargs(args) -> dict:
-    return {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    if args.strength is not None:  # only the tiny decoder has it
+        kwargs["strength"] = args.strength
+    return kwargs
 
 
 def _load_with_decoder(args):

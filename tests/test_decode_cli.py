@@ -206,3 +206,27 @@ def test_eval_decoder_writes_the_json(folder, scenes, tmp_path, capsys, monkeypa
     write_dataset([Sample(Image.new("RGB", (8, 8)), "x", {})], tmp_path / "plain")
     assert main(["eval", "decoder", "--model", str(folder), "--data", str(tmp_path / "plain")]) == 2
     assert "emoji_index" in capsys.readouterr().err
+
+
+def test_strength_is_a_tiny_decoder_option(folder, tmp_path, capsys):
+    tok = SeedTokenizer.from_pretrained(folder)
+    ids = ids_for(2)
+    default = tok.decode(ids, output_type="np")  # the micro decoder's strength, 1
+    half = tok.decode(ids, strength=0.5, output_type="np")
+    assert np.abs(half - default).max() > 1e-3
+    np.testing.assert_allclose(tok.decode(ids, strength=1.0, output_type="np"), default, atol=1e-6)
+    from seedtok.models.image_decoder import DecodeInputError
+
+    with pytest.raises(DecodeInputError, match="strength must lie"):
+        tok.decode(ids, strength=1.5)
+    with pytest.raises(DecodeInputError, match="has no option noise_level"):
+        tok.decode(ids, noise_level=3)
+    out = tmp_path / "o.png"
+    arg = ",".join(map(str, ids[0].tolist()))
+    assert main(["detokenize", "--model", str(folder), "--ids", arg, "-o", str(out), "--strength", "0.5"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(tok.decode(ids[:1], strength=0.5)[0]))
+    capsys.readouterr()
+    assert main(["detokenize", "--model", str(folder), "--ids", arg, "-o", str(tmp_path / "p.png"),
+                 "--strength", "0"]) == 2
+    err = capsys.readouterr().err  # (after the decoder's loading bar)
+    assert "Traceback" not in err and err.splitlines()[-1] == "seedtok: error: strength must lie in (0, 1], got 0.0"

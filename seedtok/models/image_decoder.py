@@ -122,6 +122,8 @@ class ImageDecoder:
     kind: str = ""
     default_guidance_scale: float
     default_num_inference_steps: int
+    #: the keyword options of this kind's ``decode`` beyond the common ones (passed on to ``_run``)
+    decode_options: tuple[str, ...] = ()
 
     def __init__(self, pipeline, *, guidance_scale: float | None = None, num_inference_steps: int | None = None,
                  size: int | tuple[int, int] | None = None, progress: bool = False):
@@ -233,6 +235,10 @@ class ImageDecoder:
         output_type: "pil" (a list of PIL images), "np" (float array [B, H, W, 3] in [0, 1]) or "pt" (tensor
             [B, 3, H, W] in [0, 1]).
         """
+        unknown = sorted(set(kwargs) - set(self.decode_options))
+        if unknown:
+            raise DecodeInputError(f"the {self.kind} decoder has no option {', '.join(unknown)}"
+                                   + (f" (its own: {', '.join(self.decode_options)})" if self.decode_options else ""))
         emb = self._check(embeddings, "embeddings")
         n = emb.shape[0]
         negative = None if negative_embeddings is None else self._check(negative_embeddings,
@@ -341,6 +347,7 @@ class Seed2UnCLIPDecoder(ImageDecoder):
     """SEED-2: [B, 1024] unCLIP image embeddings -> images with Stable Diffusion 2.1 unCLIP."""
 
     kind = "seed2"
+    decode_options = ("noise_level",)
     default_guidance_scale = 10.0
     default_num_inference_steps = 20
     _stock_class_name = "StableUnCLIPImg2ImgPipeline"
@@ -917,6 +924,7 @@ class TinyDecoder(ImageDecoder):
     diffusion UNet (``TinyDecoderConfig``). Same ``decode`` contract as the paper decoders."""
 
     kind = "tiny"
+    decode_options = ("strength",)
     default_guidance_scale = 2.0
     default_num_inference_steps = 20
     _stock_class_name = "TinyDecoderPipeline"
@@ -936,6 +944,15 @@ class TinyDecoder(ImageDecoder):
     @property
     def embedding_shape(self) -> tuple[int, ...]:
         return (int(self.pipeline.unet.config.projection_class_embeddings_input_dim),)
+
+    def decode(self, embeddings, *, strength: float | None = None, **kwargs):
+        """See ``ImageDecoder.decode``; ``strength`` (default: the checkpoint's, ``TinyDecoderConfig.strength``):
+        in (0, 1], the share of the denoising steps run from the noised coarse image (1: from pure noise)."""
+        if strength is not None and not 0.0 < float(strength) <= 1.0:
+            raise DecodeInputError(f"strength must lie in (0, 1], got {strength}")
+        return super().decode(embeddings, strength=strength, **kwargs)
+
+    __call__ = decode
 
     @classmethod
     def _load(cls, path, dtype, **kwargs):
@@ -968,11 +985,12 @@ class TinyDecoder(ImageDecoder):
                                              if k in self.pipeline.config})
         return atomic_write_folder(folder, lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
 
-    def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type):
+    def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type,
+             strength=None):
         latents = latents * self.pipeline.scheduler.init_noise_sigma  # 1 for DDIM; unit-variance noise given
         return self.pipeline(image_embeds=embeddings, negative_image_embeds=negative, guidance_scale=guidance_scale,
                              num_inference_steps=steps, generator=generators, latents=latents, height=height,
-                             width=width, output_type=output_type).images
+                             width=width, output_type=output_type, strength=strength).images
 
 
 # ------------------------------------------------------------------------------------------- registry
