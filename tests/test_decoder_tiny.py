@@ -496,8 +496,7 @@ def test_prototype_cross_entropy_and_background_loss(micro_data):
     embeddings, each target's nearest prototype) + w_bg * MSE(background, the target's border colour)."""
     from seedtok.train.decoder import new_decoder
 
-    cfg = dataclasses.replace(tiny_decoder_config("micro"), coarse_prototype_ce=0.5, coarse_background_weight=3.0,
-                              coarse_background_colours=0)
+    cfg = dataclasses.replace(REGRESSED_BACKGROUND, coarse_prototype_ce=0.5, coarse_background_weight=3.0)
     micro_data.prototype_targets = None
     dec = new_decoder(cfg, micro_data)
     try:
@@ -588,6 +587,10 @@ def test_background_colours_are_a_learned_palette_picked_from_the_borders(micro_
         assert 0 < kept.sum() < 8 and logs["background_ce"] == pytest.approx(want.item(), rel=1e-5)
     finally:
         micro_data.prototype_targets = micro_data.background_targets = None
+    with pytest.raises(ConfigError, match="need coarse_prototypes"):
+        new_decoder(dataclasses.replace(cfg, coarse_prototypes=0, coarse_background_colours=0), micro_data)
+    with pytest.raises(ConfigError, match="needs coarse_background_colours"):
+        new_decoder(dataclasses.replace(cfg, coarse_background_colours=0), micro_data)
 
 
 def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_path):

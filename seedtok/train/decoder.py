@@ -335,6 +335,12 @@ def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
     (``config.coarse_prototype_init``), and so do its background colours; with ``config.coarse_prototype_ce``
     / ``coarse_background_ce`` it also sets ``data.prototype_targets`` / ``background_targets``
     (deterministic: a resumed run recomputes the same)."""
+    if (config.coarse_prototype_ce or config.coarse_background_weight or config.coarse_background_ce) \
+            and not config.coarse_prototypes:
+        raise ConfigError("coarse_prototype_ce, coarse_background_weight and coarse_background_ce need "
+                          "coarse_prototypes")
+    if config.coarse_background_ce and not config.coarse_background_colours:
+        raise ConfigError("coarse_background_ce needs coarse_background_colours")
     decoder = TinyDecoder.random(config)
     coarse = decoder.pipeline.coarse
     if coarse is not None:
