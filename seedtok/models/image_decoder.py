@@ -817,6 +817,9 @@ def _tiny_pipeline_class():
             ``strength``): sampling starts from the coarse image noised to the level of the last
             ``strength`` share of the timesteps and runs only those, so the UNet refines the head's drawing
             instead of redrawing it from noise (``latents``, when given, are that noise)."""
+            strength = float(self.config.strength if strength is None else strength)
+            if not 0.0 < strength <= 1.0:
+                raise DecodeInputError(f"strength must lie in (0, 1], got {strength}")
             unet = self.unet
             param = next(unet.parameters())
             device, dtype = param.device, param.dtype
@@ -842,9 +845,6 @@ def _tiny_pipeline_class():
             coarse = self.coarse_latents(cond, height, width)
             self.scheduler.set_timesteps(steps, device=device)
             timesteps = self.scheduler.timesteps
-            strength = float(self.config.get("strength", 1.0) if strength is None else strength)
-            if not 0.0 < strength <= 1.0:
-                raise ValueError(f"strength must lie in (0, 1], got {strength}")
             if strength < 1.0 and coarse is not None:
                 timesteps = timesteps[steps - max(1, round(steps * strength)):]
                 start = coarse[n:] if cfg else coarse  # the conditional half's drawing
@@ -928,7 +928,9 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
 
 class TinyDecoder(ImageDecoder):
     """The tiny preset: [B, 1712] generation embeddings -> 64x64 images, with its own small pixel-space
-    diffusion UNet (``TinyDecoderConfig``). Same ``decode`` contract as the paper decoders."""
+    diffusion UNet (``TinyDecoderConfig``). Same ``decode`` contract as the paper decoders, plus ``strength``
+    (default: the checkpoint's, ``TinyDecoderConfig.strength``): in (0, 1], the share of the denoising steps run
+    from the noised coarse image (1: from pure noise; `TinyDecoderPipeline.__call__`)."""
 
     kind = "tiny"
     decode_options = ("strength",)
@@ -951,15 +953,6 @@ class TinyDecoder(ImageDecoder):
     @property
     def embedding_shape(self) -> tuple[int, ...]:
         return (int(self.pipeline.unet.config.projection_class_embeddings_input_dim),)
-
-    def decode(self, embeddings, *, strength: float | None = None, **kwargs):
-        """See ``ImageDecoder.decode``; ``strength`` (default: the checkpoint's, ``TinyDecoderConfig.strength``):
-        in (0, 1], the share of the denoising steps run from the noised coarse image (1: from pure noise)."""
-        if strength is not None and not 0.0 < float(strength) <= 1.0:
-            raise DecodeInputError(f"strength must lie in (0, 1], got {strength}")
-        return super().decode(embeddings, strength=strength, **kwargs)
-
-    __call__ = decode
 
     @classmethod
     def _load(cls, path, dtype, **kwargs):
@@ -988,8 +981,7 @@ class TinyDecoder(ImageDecoder):
         pipeline = _tiny_pipeline_class()(unet=unet, scheduler=self.pipeline.scheduler, coarse=coarse,
                                           **{k: self.pipeline.config[k] for k in
                                              ("guidance_scale", "num_inference_steps", "cond_dropout",
-                                              "patch_size", "coarse_temperature", "strength")
-                                             if k in self.pipeline.config})
+                                              "patch_size", "coarse_temperature", "strength")})
         return atomic_write_folder(folder, lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
 
     def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type,
