@@ -442,17 +442,23 @@ def test_prototypes_start_as_training_targets_with_an_alpha_from_the_border():
         other.init_prototypes(images[:k - 1])
 
 
+def three_subjects() -> torch.Tensor:
+    """12 uint8 8x8 scenes: one subject on ten background colours (0-9), and two other subjects (10, 11)."""
+    images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
+    images[:10] = torch.arange(10, dtype=torch.uint8)[:, None, None, None] * 20
+    images[:10, :, 2:6, 2:6] = 250
+    images[10, :, 1:7, 3:5] = torch.tensor([250, 0, 0], dtype=torch.uint8)[:, None, None]
+    images[11, :, 3:5, 1:7] = torch.tensor([0, 0, 250], dtype=torch.uint8)[:, None, None]
+    return images
+
+
 def test_kmeans_plus_plus_prototypes_cover_distinct_subjects_whatever_the_background():
     from seedtok.models.image_decoder import _coarse_head_class
 
     head = _coarse_head_class()(embed_dim=4, size=8, hidden=8, prototypes=3)
     # ten copies of one subject on ten background colours, and two other subjects: a random pick of 3 of the
     # 12 usually repeats the first subject; k-means++ on the subjects alone never does
-    images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)
-    images[:10] = torch.arange(10, dtype=torch.uint8)[:, None, None, None] * 20
-    images[:10, :, 2:6, 2:6] = 250
-    images[10, :, 1:7, 3:5] = torch.tensor([250, 0, 0], dtype=torch.uint8)[:, None, None]
-    images[11, :, 3:5, 1:7] = torch.tensor([0, 0, 250], dtype=torch.uint8)[:, None, None]
+    images = three_subjects()
     small = images.float() / 127.5 - 1
 
     def subjects(head):
@@ -478,11 +484,7 @@ def test_nearest_prototypes_name_the_subject_not_the_background():
     from seedtok.models.image_decoder import _coarse_head_class
 
     head = _coarse_head_class()(embed_dim=4, size=8, hidden=8, prototypes=3)
-    images = torch.zeros(12, 3, 8, 8, dtype=torch.uint8)  # as above: one subject on ten backgrounds, two others
-    images[:10] = torch.arange(10, dtype=torch.uint8)[:, None, None, None] * 20
-    images[:10, :, 2:6, 2:6] = 250
-    images[10, :, 1:7, 3:5] = torch.tensor([250, 0, 0], dtype=torch.uint8)[:, None, None]
-    images[11, :, 3:5, 1:7] = torch.tensor([0, 0, 250], dtype=torch.uint8)[:, None, None]
+    images = three_subjects()
     pick = head.init_prototypes(images, seed=1, method="kmeans++")
     targets = head.nearest_prototypes(images, pick)
     assert targets.dtype == torch.long and targets.shape == (12,)
