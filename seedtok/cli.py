@@ -151,8 +151,10 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: the config's preset)")
     q.add_argument("--coarse-only", action="store_true",
                    help="train a new coarse head on the frozen UNet of the trained decoder --init")
+    q.add_argument("--unet-only", action="store_true",
+                   help="fine-tune the UNet of the trained decoder --init under its frozen coarse head")
     q.add_argument("--init", type=Path, default=None, metavar="DECODER_DIR",
-                   help="with --coarse-only: the trained decoder folder whose UNet to keep")
+                   help="with --coarse-only / --unet-only: the trained decoder folder whose other part to keep")
     q.set_defaults(func=_train_decoder)
 
     p = sub.add_parser("eval", help="evaluate")
@@ -408,7 +410,7 @@ def _train_decoder(args) -> int:
 
     result = train_decoder(args.config, out=args.out, quick=args.quick, resume=args.resume, steps=args.steps,
                            export=args.export, tokenizer=args.tokenizer, init=args.init,
-                           coarse_only=args.coarse_only)
+                           coarse_only=args.coarse_only, unet_only=args.unet_only)
     print(f"{result.summary()}; decoder: {result.out_dir / 'final'}"
           + (f" (fp16 copy: {args.export})" if args.export else ""))
     return 0

@@ -315,6 +315,33 @@ def test_coarse_only_trains_a_new_head_on_a_frozen_unet(tmp_path, monkeypatch):
         train_decoder("micro", out=tmp_path / "y", init=tmp_path / "full" / "final", progress=False)
 
 
+def test_unet_only_fine_tunes_the_unet_under_the_frozen_head_at_its_decode_temperature(tmp_path, monkeypatch):
+    from seedtok.models.image_decoder import CoarseHead
+    from seedtok.train.decoder import train_decoder
+
+    train_decoder("micro", out=tmp_path / "full", progress=False)
+    temperatures = []
+    forward = CoarseHead.forward
+    monkeypatch.setattr(CoarseHead, "forward",
+                        lambda self, x, temperature=1.0, **k: temperatures.append(temperature)
+                        or forward(self, x, temperature=temperature, **k))
+    result = train_decoder("micro", out=tmp_path / "unet", unet_only=True, init=tmp_path / "full" / "final",
+                           progress=False)
+    full = TinyDecoder.from_pretrained(tmp_path / "full" / "final").pipeline
+    tuned = TinyDecoder.from_pretrained(tmp_path / "unet" / "final").pipeline
+    assert result.steps == 4 and temperatures  # the head drew the UNet's inputs ...
+    assert set(temperatures) == {full.config.coarse_temperature} != {1.0}  # ... as it does when decoding
+    a, b = full.coarse.state_dict(), tuned.coarse.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the head is the init's, untouched
+    a, b = full.unet.state_dict(), tuned.unet.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # from the init's UNet, trained further
+    with pytest.raises(ConfigError, match="--init"):
+        train_decoder("micro", out=tmp_path / "x", unet_only=True, progress=False)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        train_decoder("micro", out=tmp_path / "y", unet_only=True, coarse_only=True, init=tmp_path / "full" / "final",
+                      progress=False)
+
+
 def test_coarse_head_conditions_the_unet_and_learns_only_from_its_own_loss(micro_data, monkeypatch):
     """Coarse-then-refine: the head's image (bilinearly upsampled, space-to-depth) joins the UNet's input
     channels; the head learns from its own MSE (to the area-downsampled target, whole batch) only; the UNet

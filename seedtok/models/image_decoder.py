@@ -555,7 +555,7 @@ TINY_DECODERS = {
                                        norm_num_groups=8, attention=True, attention_head_dim=8,
                                        num_inference_steps=3, coarse_size=8, coarse_hidden=32, unet_batch=3,
                                        embed_noise=0.2, target="centred", coarse_prototypes=6,
-                                       coarse_prototype_ce=1.0, coarse_background_colours=4,
+                                       coarse_temperature=0.5, coarse_prototype_ce=1.0, coarse_background_colours=4,
                                        coarse_background_ce=1.0),
 }
 

@@ -53,9 +53,10 @@ from ..evaluate.emoji_scorer import normalize_scene
 from ..models.image_decoder import TINY_DECODERS, TinyDecoder, TinyDecoderConfig, border_colour, tiny_decoder_config
 from .loop import TrainConfig, TrainResult, read_run_file, with_overrides
 
-#: what ``TrainConfig.train_parts`` may train of a decoder: everything, or the coarse head alone (the UNet of an
-#: ``--init`` decoder kept as it is)
-DECODER_PARTS = ("all", "coarse")
+#: what ``TrainConfig.train_parts`` may train of a decoder: everything; the coarse head alone (the UNet of an
+#: ``--init`` decoder kept as it is); or the UNet alone (fine-tuned from an ``--init`` decoder under its frozen
+#: coarse head, which then draws the UNet's input as it does when decoding: at its decode temperature)
+DECODER_PARTS = ("all", "coarse", "unet")
 
 __all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "new_decoder", "train_decoder"]
 
@@ -247,9 +248,10 @@ class DecoderTask:
         self.background_ce = background_ce
         if train_parts not in DECODER_PARTS:
             raise ConfigError(f"unknown decoder train_parts {train_parts!r}; choose {' or '.join(DECODER_PARTS)}")
-        if train_parts == "coarse" and decoder.pipeline.coarse is None:
-            raise ConfigError("train_parts=\"coarse\" needs a decoder config with a coarse head (coarse_size)")
+        if train_parts != "all" and decoder.pipeline.coarse is None:
+            raise ConfigError(f"train_parts=\"{train_parts}\" needs a decoder config with a coarse head (coarse_size)")
         self.coarse_only = train_parts == "coarse"  # the UNet stays as it is and is not run
+        self.unet_only = train_parts == "unet"  # the head stays as it is and draws at its decode temperature
         self.pipeline = decoder.pipeline
 
     @classmethod
@@ -263,7 +265,7 @@ class DecoderTask:
 
     def trainable_parameters(self, model):
         params = [] if self.coarse_only else [(f"unet.{n}", p) for n, p in model.unet.named_parameters()]
-        if model.coarse is not None:
+        if model.coarse is not None and not self.unet_only:
             params += [(f"coarse.{n}", p) for n, p in model.coarse.named_parameters()]
         return params
 
@@ -276,7 +278,12 @@ class DecoderTask:
         emb = emb * keep
         logs = {"cond_kept": keep.mean().item()}
         coarse, coarse_loss = None, 0.0
-        if model.coarse is not None:
+        if self.unet_only:
+            if self.unet_batch and len(emb) > self.unet_batch:
+                pixels, emb = pixels[:self.unet_batch], emb[:self.unet_batch]
+            with torch.no_grad(), torch.autocast(emb.device.type, enabled=False):
+                coarse = model.coarse(emb.float(), temperature=pipe.config.coarse_temperature)
+        elif model.coarse is not None:
             # the head runs in fp32 under mixed precision: it is small (its step costs little next to the
             # UNet's), and in bf16 its softmax over K prototypes and their mix keep 8 mantissa bits
             parts = model.coarse.config.prototypes and (self.prototype_ce or self.background_weight
@@ -389,24 +396,30 @@ def load_decoder_run_config(spec: str, quick: bool = False
 def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bool = False, resume: bool = False,
                   steps: int | None = None, export: str | Path | None = None, progress: bool = True,
                   tokenizer: str | Path | None = None, init: str | Path | None = None,
-                  coarse_only: bool = False) -> TrainResult:
+                  coarse_only: bool = False, unet_only: bool = False) -> TrainResult:
     """Train the tiny image decoder; the trained decoder is saved to ``OUT/final`` (fp32) and, with ``export``,
     also there in fp16 (the bundled form: ``seedtok/weights/tiny/decoder``). ``tokenizer`` (a preset or model
     folder; default the run's preset): whose generation embeddings ``condition="generation"`` learns from.
     ``coarse_only`` (``train_parts="coarse"``): a new coarse head, as the config says, on the UNet of the
-    trained decoder folder ``init``, which stays frozen (minutes instead of an hour: the UNet is not run)."""
+    trained decoder folder ``init``, which stays frozen (minutes instead of an hour: the UNet is not run).
+    ``unet_only`` (``train_parts="unet"``): the UNet of ``init`` fine-tuned under its coarse head, which stays
+    frozen (after a new head, so the UNet learns to refine that head's drawings)."""
     from ..data.sources import open_source
     from .loop import Trainer, latest_checkpoint
 
     model_cfg, dec_cfg, train_cfg = load_decoder_run_config(config, quick)
     if steps:
         train_cfg.steps = steps
-    if coarse_only:
-        train_cfg.train_parts = "coarse"
-    if train_cfg.train_parts == "coarse" and init is None:
-        raise ConfigError("training the coarse head alone keeps a trained decoder's UNet: pass --init DECODER_DIR")
-    if init is not None and train_cfg.train_parts != "coarse":
-        raise ConfigError("--init is for --coarse-only (a full decoder run starts from random weights)")
+    if coarse_only and unet_only:
+        raise ConfigError("--coarse-only and --unet-only exclude each other (a full run trains both)")
+    if coarse_only or unet_only:
+        train_cfg.train_parts = "coarse" if coarse_only else "unet"
+    if train_cfg.train_parts != "all" and init is None:
+        raise ConfigError(f"training the {'coarse head' if train_cfg.train_parts == 'coarse' else 'UNet'} alone "
+                          f"keeps a trained decoder's other part: pass --init DECODER_DIR")
+    if init is not None and train_cfg.train_parts == "all":
+        raise ConfigError("--init is for --coarse-only or --unet-only (a full decoder run starts from random "
+                          "weights)")
     name = f"{model_cfg.name}-decoder{'-quick' if quick else ''}"
     out = Path(out) if out else Path("runs") / name
     if not resume and latest_checkpoint(out) is not None:
@@ -433,7 +446,7 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
     decoder = new_decoder(dec_cfg, data)
     model = DecoderModel(decoder)
     if init is not None:
-        model.load_checkpoint(init, parts=("unet",))
+        model.load_checkpoint(init, parts=("unet",) if train_cfg.train_parts == "coarse" else ("unet", "coarse"))
     task = DecoderTask.for_config(decoder, dec_cfg, train_cfg.train_parts)
     trainer = Trainer(train_cfg, model, task, data, out, progress=progress and state.is_main_process)
     if resume:
