@@ -507,6 +507,48 @@ def test_kmeans_plus_plus_prototypes_cover_distinct_subjects_whatever_the_backgr
         head.init_prototypes(images, method="farthest")
 
 
+def test_emoji_prototypes_start_one_per_emoji_from_a_typical_drawing():
+    from seedtok.models.image_decoder import _coarse_head_class
+
+    head = _coarse_head_class()(embed_dim=4, size=8, hidden=8, prototypes=4)
+    images = three_subjects()
+    images[9] = 235  # on this light background the subject (250) hides: its drawing is not a typical one
+    images[9, :, 2:6, 2:6] = 250
+    labels = torch.tensor([2] * 10 + [0, 3])  # emoji 1 has no training scene
+    pick = head.init_prototypes(images, seed=0, method="emoji", labels=labels)
+    assert int(pick[0]) == 10 and int(pick[3]) == 11 and int(pick[2]) in range(9)
+    assert (head.prototype_images[2, 3, 2:6, 2:6] > 0).all()  # emoji 2's prototype: its subject, opaque
+    assert (head.prototype_images[0, 3, 1:7, 3:5] > 0).all() and (head.prototype_images[0, 3, :, :3] < 0).all()
+    with pytest.raises(ConfigError, match="0..3"):
+        head.init_prototypes(images, method="emoji", labels=labels + 1)
+    with pytest.raises(ConfigError, match="one label per"):
+        head.init_prototypes(images, method="emoji")
+
+
+def test_emoji_prototype_targets_are_the_scenes_emoji(micro_data, tmp_path):
+    import copy
+
+    from seedtok.data.sources import Sample
+    from seedtok.train.decoder import new_decoder
+
+    truth = torch.tensor([micro_data.samples[i].meta["emoji_index"] for i in range(len(micro_data))])
+    cfg = dataclasses.replace(tiny_decoder_config("micro"), coarse_prototypes=int(truth.max()) + 1,
+                              coarse_prototype_init="emoji")
+    data = copy.copy(micro_data)
+    data._labels_cache = tmp_path / "labels.safetensors"
+    dec = new_decoder(cfg, data)
+    assert torch.equal(data.prototype_targets, truth) and data._labels_cache.is_file()  # read once, cached
+    head = dec.pipeline.coarse
+    for k in truth.unique().tolist():  # each emoji's prototype is one of its own scenes' subject
+        rgb, _ = head._subjects(micro_data.pixels[truth == k], 0.19)
+        assert any(torch.allclose(head.prototype_images[k, :3], r, atol=1e-5) for r in rgb)
+    blank = copy.copy(micro_data)
+    blank.samples = [Sample(micro_data.samples[0].image, "a scene")] * len(micro_data)
+    blank._labels_cache = tmp_path / "blank.safetensors"
+    with pytest.raises(ConfigError, match="emoji_index"):
+        new_decoder(cfg, blank)
+
+
 def test_nearest_prototypes_name_the_subject_not_the_background():
     from seedtok.models.image_decoder import _coarse_head_class
 

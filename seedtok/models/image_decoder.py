@@ -490,7 +490,13 @@ class TinyDecoderConfig:
     # how those K targets are picked: "random", or "kmeans++" (k-means++ seeding on the subjects: K=1,024 of the
     # 24,000 training scenes then cover 881 distinct emoji of 1,142, where the random pick of seed 0 covers 676; coarse
     # head alone, 1,500 steps, test identity top-1 / top-5 at temperature 0.25: 21.1% / 36.1% vs 18.0% /
-    # 31.4%; runs/exp10/screen.py, not shipped)
+    # 31.4%; runs/exp10/screen.py, not shipped); or "emoji" (a named deviation, tiny): one prototype per emoji
+    # of the world (K = the pool's 1,142), each started from a typical training drawing of it and, with the
+    # cross-entropy below, taught towards the scene's own emoji (the emoji world's label, which its caption
+    # names) instead of a pixel pseudo-label. Why: K=1,024 picks by pixels cover only 881-890 emoji (k-means++ /
+    # farthest-point: one emoji on a light and a dark background masks differently), so the 23.5% of test
+    # scenes whose emoji has no prototype were never right, while on the rest the head picked the right emoji
+    # for 60.3% (runs/exp11/coverage*.py, not shipped)
     coarse_prototype_init: str = "random"
     # training (a named deviation, tiny): a cross-entropy of this weight on the prototype logits towards each
     # training image's nearest starting prototype (`CoarseHead.nearest_prototypes`: by the subject alone, so a
@@ -546,10 +552,11 @@ class TinyDecoderConfig:
 
 #: named decoder configs: the tiny preset's, and a micro one for tests (the micro tokenizer's 48-d embeddings)
 TINY_DECODERS = {
-    "tiny": lambda: TinyDecoderConfig(embed_dim=1712, coarse_size=32, unet_batch=48, embed_noise=0.2,
-                                      target="centred", condition="generation", coarse_prototypes=1024,
+    # 1,142 prototypes (one per emoji) at 30 px: the 20 MB budget holds 1,142 at 30 px, not at 32
+    "tiny": lambda: TinyDecoderConfig(embed_dim=1712, coarse_size=30, unet_batch=48, embed_noise=0.2,
+                                      target="centred", condition="generation", coarse_prototypes=1142,
                                       coarse_hidden=384, coarse_temperature=0.25,
-                                      coarse_prototype_init="kmeans++", coarse_prototype_ce=3.0,
+                                      coarse_prototype_init="emoji", coarse_prototype_ce=3.0,
                                       coarse_background_colours=16, coarse_background_ce=1.0, strength=0.3),
     "micro": lambda: TinyDecoderConfig(embed_dim=48, image_size=16, block_out_channels=(16, 32),
                                        norm_num_groups=8, attention=True, attention_head_dim=8,
@@ -558,6 +565,10 @@ TINY_DECODERS = {
                                        coarse_temperature=0.5, coarse_prototype_ce=1.0, coarse_background_colours=4,
                                        coarse_background_ce=1.0),
 }
+
+
+#: how a coarse head's prototypes start (`CoarseHead.init_prototypes`, ``TinyDecoderConfig.coarse_prototype_init``)
+PROTOTYPE_INITS = ("random", "kmeans++", "emoji")
 
 
 def _kmeans_plus_plus(features: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -627,7 +638,7 @@ def _coarse_head_class():
 
         @torch.no_grad()
         def init_prototypes(self, images: torch.Tensor, seed: int = 0, threshold: float = 0.19,
-                            method: str = "random") -> torch.Tensor:
+                            method: str = "random", labels: torch.Tensor | None = None) -> torch.Tensor:
             """Start the prototypes as K of these training targets [N, 3, H, W] (uint8, or floats in [-1, 1];
             area-resized to the head's size), opaque (alpha logit +3) where a pixel differs from the image's
             median border colour by more than ``threshold`` (~24/255) in some channel and transparent (-3)
@@ -635,18 +646,34 @@ def _coarse_head_class():
             ``method``: "random" picks K at random (``seed``); "kmeans++" picks them by k-means++ seeding
             (Arthur & Vassilvitskii 2007: each next pick drawn with probability proportional to its squared
             distance from the nearest pick) on the subjects alone (`subject_features`), so K picks cover more
-            distinct subjects than K random ones do. Returns the picked rows of ``images``."""
+            distinct subjects than K random ones do; "emoji" (with ``labels`` [N], each image's class in 0..K-1)
+            starts prototype k as the image of class k whose subject is nearest its class's mean subject (a
+            typical drawing), or as a random image where class k has none. Returns the picked rows of ``images``."""
             k = self.config.prototypes
             if not k:
                 raise ValueError("this coarse head has no prototypes")
-            if method not in ("random", "kmeans++"):
-                raise ConfigError(f"unknown prototype init {method!r}; choose random or kmeans++")
-            if len(images) < k:
+            if method not in PROTOTYPE_INITS:
+                raise ConfigError(f"unknown prototype init {method!r}; choose {', '.join(PROTOTYPE_INITS)}")
+            if method == "emoji":
+                if labels is None or labels.shape != (len(images),):
+                    raise ConfigError("the emoji prototype init needs one label per training image")
+                if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < k:
+                    raise ConfigError(f"emoji labels must lie in 0..{k - 1} (one prototype per emoji), got "
+                                      f"{int(labels.min())}..{int(labels.max())}")
+            elif len(images) < k:
                 raise ConfigError(f"{k} coarse prototypes need at least {k} training images, got {len(images)}: "
                                   f"use more data or fewer coarse_prototypes")
             generator = torch.Generator().manual_seed(seed)
             if method == "random":
                 pick = torch.randperm(len(images), generator=generator)[:k]
+            elif method == "emoji":
+                features = self.subject_features(images, threshold)
+                labels = labels.long()
+                pick = torch.randint(len(images), (k,), generator=generator)
+                for label in labels.unique().tolist():
+                    members = (labels == label).nonzero()[:, 0]
+                    own = features[members]
+                    pick[label] = members[(own - own.mean(0)).square().sum(1).argmin()]
             else:
                 pick = _kmeans_plus_plus(self.subject_features(images, threshold), k, generator)
             rgb, opaque = self._subjects(images[pick], threshold)

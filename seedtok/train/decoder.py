@@ -101,6 +101,7 @@ class DecoderData:
                                            f".safetensors"
         tensors = _load_or_compute(cache_dir / f"decoder-{_key(config, data_spec, self.size, target)}.safetensors",
                                    self._compute)
+        self._labels_cache = cache_dir / f"labels-{_key(config, data_spec, 0, 'labels')}.safetensors"
         self.pixels, self.teacher = tensors["pixels"], tensors["teacher"]
         if len(self.pixels) != len(samples):
             raise ConfigError(f"decoder cache holds {len(self.pixels)} samples, the data {len(samples)}")
@@ -119,6 +120,23 @@ class DecoderData:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def emoji_labels(self) -> torch.Tensor:
+        """[N] long: each scene's emoji (the emoji world's ``meta["emoji_index"]``, which its caption names),
+        read once (it renders every scene) and cached beside the pixels."""
+        from .data import _load_or_compute
+
+        def compute():
+            labels = []
+            for i in range(len(self.samples)):
+                index = self.samples[i].meta.get("emoji_index")
+                if index is None:
+                    raise ConfigError(f"sample {i} does not say its emoji (meta emoji_index): the emoji prototype "
+                                      f"init needs emoji-world data")
+                labels.append(int(index))
+            return {"labels": torch.tensor(labels, dtype=torch.long)}
+
+        return _load_or_compute(self._labels_cache, compute)["labels"]
 
     @property
     def embed_dim(self) -> int:
@@ -340,7 +358,8 @@ def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
     """A randomly initialised decoder for training on ``data``: its coarse head standardises inputs by the
     data's embedding statistics, and its prototypes (if any) start as training targets
     (``config.coarse_prototype_init``), and so do its background colours; with ``config.coarse_prototype_ce``
-    / ``coarse_background_ce`` it also sets ``data.prototype_targets`` / ``background_targets``
+    / ``coarse_background_ce`` it also sets ``data.prototype_targets`` (the nearest starting prototypes, or the
+    scenes' emoji with ``coarse_prototype_init="emoji"``) / ``background_targets``
     (deterministic: a resumed run recomputes the same)."""
     if (config.coarse_prototype_ce or config.coarse_background_weight or config.coarse_background_ce) \
             and not config.coarse_prototypes:
@@ -353,9 +372,12 @@ def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
     if coarse is not None:
         coarse.set_input_stats(data.embeds)
         if config.coarse_prototypes:
-            pick = coarse.init_prototypes(data.pixels, seed=config.seed, method=config.coarse_prototype_init)
+            labels = data.emoji_labels() if config.coarse_prototype_init == "emoji" else None
+            pick = coarse.init_prototypes(data.pixels, seed=config.seed, method=config.coarse_prototype_init,
+                                          labels=labels)
             if config.coarse_prototype_ce:
-                data.prototype_targets = coarse.nearest_prototypes(data.pixels, pick)
+                data.prototype_targets = labels if labels is not None else coarse.nearest_prototypes(data.pixels,
+                                                                                                      pick)
         if config.coarse_background_colours:
             pick = coarse.init_background_colours(data.pixels, seed=config.seed)
             if config.coarse_background_ce:
