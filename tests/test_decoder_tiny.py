@@ -141,6 +141,15 @@ def test_given_latents_and_bad_inputs(decoder):
         decoder.decode(emb, seed=[1, 2, 3])
 
 
+def test_pipeline_called_directly_draws_its_own_noise_of_the_output_channels(decoder):
+    """Called as a diffusers pipeline without ``latents``, it draws the noise itself: of the UNet's output
+    channels (its input adds the coarse image's), from the given generators as `decode` does with seeds."""
+    emb = embeds(2)
+    generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    direct = decoder.pipeline(image_embeds=emb, generator=generators, output_type="np").images
+    np.testing.assert_array_equal(direct, decoder.decode(emb, seed=[5, 6], output_type="np"))
+
+
 # ------------------------------------------------------------------------------------------------ save/load
 def test_save_load_round_trip_is_exact(decoder, tmp_path):
     decoder.save_pretrained(tmp_path / "dec")

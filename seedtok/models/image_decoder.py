@@ -858,7 +858,7 @@ def _tiny_pipeline_class():
             emb = image_embeds.to(device, dtype)
             n = emb.shape[0]
             if latents is None:
-                latents = randn_tensor((n, unet.config.in_channels, height // p, width // p), generator=generator,
+                latents = randn_tensor((n, unet.config.out_channels, height // p, width // p), generator=generator,
                                        device=device, dtype=dtype)
                 latents = latents * self.scheduler.init_noise_sigma
             latents = latents.to(device, dtype)
