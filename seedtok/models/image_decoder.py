@@ -499,14 +499,13 @@ class TinyDecoderConfig:
     # for 60.3% (runs/exp11/coverage*.py, not shipped)
     coarse_prototype_init: str = "random"
     # training (a named deviation, tiny): a cross-entropy of this weight on the prototype logits towards each
-    # training image's nearest starting prototype (`CoarseHead.nearest_prototypes`: by the subject alone, so a
-    # pseudo-label of the emoji drawn, found from pixels and never from the scene's metadata), added to the
-    # pixel MSE. Why: the MSE alone spreads the softmax over look-alikes and the scorer cannot name the
-    # blend; the cross-entropy makes the head a classifier over its drawings. Coarse head alone, 1,500 steps,
-    # test identity top-1 / top-5 at temperature 0.25: 42.8% / 56.5% with weight 1 against 21.1% / 36.1%
-    # without; with weight 3 and the background colours below 44.4% / 58.7% (runs/exp11/screen2.py, not
-    # shipped); an MLP probe trained on the true emoji labels of the same embeddings reaches 44.1% top-1, so
-    # the head now reads about all the embedding says of the emoji
+    # training image's class, added to the pixel MSE: its emoji with the "emoji" init, else its nearest
+    # starting prototype (`CoarseHead.nearest_prototypes`: by the subject alone, a pseudo-label found from the
+    # pixels). Why: the MSE alone spreads the softmax over look-alikes and the scorer cannot name the blend;
+    # the cross-entropy makes the head a classifier over its drawings. Coarse head alone, 1,500 steps, test
+    # identity top-1 / top-5 at temperature 0.25, 1,024 k-means++ prototypes: 42.8% / 56.5% with weight 1
+    # against 21.1% / 36.1% without; with weight 3 and the background colours below 44.4% / 58.7%
+    # (runs/exp11/screen2.py, not shipped); with the "emoji" init (tiny) 60.0% / 74.0%
     coarse_prototype_ce: float = 0.0
     # training: an MSE of this weight between the head's background colour and the target's border colour
     # (`border_colour`), so the classifier's pull does not cost the background (which the scorer also reads)
