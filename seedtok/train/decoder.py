@@ -465,7 +465,8 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
     if data.embed_dim != dec_cfg.embed_dim:
         raise ConfigError(f"the {dec_cfg.condition} embeddings of {model_cfg.name} are {data.embed_dim}-d, the "
                           f"decoder config expects {dec_cfg.embed_dim}")
-    decoder = new_decoder(dec_cfg, data)
+    # --unet-only takes every weight and statistic from --init: picking starting prototypes would be wasted work
+    decoder = TinyDecoder.random(dec_cfg) if train_cfg.train_parts == "unet" else new_decoder(dec_cfg, data)
     model = DecoderModel(decoder)
     if init is not None:
         model.load_checkpoint(init, parts=("unet",) if train_cfg.train_parts == "coarse" else ("unet", "coarse"))
