@@ -381,6 +381,60 @@ def test_coarse_head_conditions_the_unet_and_learns_only_from_its_own_loss(micro
         torch.testing.assert_close(got, want)  # the diffusion loss gives the head no gradient
 
 
+def test_target_condition_shows_the_unet_the_targets_own_drawing(micro_data, monkeypatch):
+    """unet_condition="target" (cascaded diffusion's super-resolution stage): the UNet's coarse input is the
+    target downsampled as the head's MSE target is, plus per-image noise of std up to ``coarse_augment``; with
+    --unet-only the head is not run at all."""
+    import torch.nn.functional as F
+
+    from seedtok.models.image_decoder import CoarseHead
+    from seedtok.train.decoder import DecoderModel, DecoderTask
+
+    cfg = dataclasses.replace(tiny_decoder_config("micro"), unet_condition="target")
+    dec = TinyDecoder.random(cfg)
+    pipe = dec.pipeline
+    seen = []
+    forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda sample, *a, **k: seen.append(sample) or forward(sample, *a, **k))
+    batch = micro_data.batch(list(range(8)))
+    small = F.interpolate(batch["pixels"][:3], size=(8, 8), mode="area")
+    clean = pipe.upsample_coarse(small, 16, 16)
+    task = DecoderTask(dec, unet_batch=3, unet_condition="target")
+    task.loss(DecoderModel(dec), batch)
+    torch.testing.assert_close(seen[-1][:, 12:], clean)  # the target's drawing, not the head's
+    assert not torch.allclose(clean, pipe.coarse_latents(batch["embeds"][:3], 16, 16), atol=0.1)
+    task = DecoderTask.for_config(dec, dataclasses.replace(cfg, coarse_augment=0.5), train_parts="unet")
+    monkeypatch.setattr(CoarseHead, "forward", lambda *a, **k: pytest.fail("the head ran"))
+    torch.manual_seed(0)
+    task.loss(DecoderModel(dec), batch)
+    noisy = seen[-1][:, 12:]
+    assert not torch.allclose(noisy, clean, atol=1e-3) and noisy.abs().max() <= 1.0  # augmented, in range
+    assert (noisy - clean).std() < 0.5
+    with pytest.raises(ConfigError, match="unet_condition"):
+        DecoderTask(dec, unet_condition="truth")
+    with pytest.raises(ConfigError, match="unet_condition"):
+        TinyDecoder.random(dataclasses.replace(cfg, unet_condition="truth"))
+
+
+def test_target_condition_guides_both_halves_from_the_conditional_drawing(tmp_path, monkeypatch):
+    """A UNet trained on the target's drawing saw it with dropped embeddings too, so guidance's unconditional
+    half gets the conditional half's drawing (with "head", the null embedding's own); saved with the decoder."""
+    cfg = dataclasses.replace(tiny_decoder_config("micro"), unet_condition="target")
+    emb = embeds(2)
+    for name, config in (("head", tiny_decoder_config("micro")), ("target", cfg)):
+        pipe = TinyDecoder.random(config).pipeline
+        seen = []
+        predict = pipe.predict
+        monkeypatch.setattr(pipe, "predict", lambda sample, t, e, c=None: seen.append(c) or predict(sample, t, e, c))
+        pipe(image_embeds=emb, guidance_scale=2.0, output_type="pt")
+        uncond, cond = seen[0].chunk(2)
+        torch.testing.assert_close(cond, pipe.coarse_latents(emb, 16, 16))
+        assert torch.equal(uncond, cond) == (name == "target")
+    dec = TinyDecoder.random(cfg)
+    dec.save_pretrained(tmp_path / "dec")
+    assert TinyDecoder.from_pretrained(tmp_path / "dec").pipeline.config.unet_condition == "target"
+
+
 def test_centred_targets_are_the_scorers_view(tmp_path):
     from seedtok.config import preset
     from seedtok.data.sources import open_source

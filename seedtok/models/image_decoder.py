@@ -30,6 +30,7 @@ or a hub id (``from_pretrained``), never downloaded implicitly by anything else 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -541,6 +542,17 @@ class TinyDecoderConfig:
     # read the background of the test scenes' code embeddings at 79.4%, one trained on code embeddings at 85.7%
     # (runs/exp7/coarse_exp.py, not shipped)
     condition: str = "teacher"
+    # training (with a coarse head): what the UNet's coarse input shows. "head": the head's own drawing (of
+    # the same step; at its decode temperature when only the UNet trains). "target" (a named deviation, as the
+    # super-resolution stage of cascaded diffusion, Ho et al. 2021): the target itself, downsampled to the
+    # head's size as the head's MSE target is, plus Gaussian noise of a std drawn per image from
+    # [0, ``coarse_augment``] (their conditioning augmentation), so the UNet learns to render crisply whatever
+    # drawing it is given. Why: the head's drawing is often another emoji or another drawing of it than the
+    # target, and a UNet taught to correct it from a 1-vector embedding hedges: at decode it added colour
+    # fringes and speckle that cost ~8 identity points against the head's drawing alone (runs/exp12/compare.py).
+    # With "target", guidance's unconditional half sees the conditional half's drawing (it was trained so)
+    unet_condition: str = "head"
+    coarse_augment: float = 0.0
     guidance_scale: float = 2.0  # decode defaults, stored in the checkpoint
     num_inference_steps: int = 20
     # decoding (with a coarse head): 1 samples from pure noise; s < 1 starts from the coarse image noised to the
@@ -564,6 +576,10 @@ TINY_DECODERS = {
                                        coarse_temperature=0.5, coarse_prototype_ce=1.0, coarse_background_colours=4,
                                        coarse_background_ce=1.0),
 }
+
+
+#: what the UNet's coarse input shows in training (``TinyDecoderConfig.unet_condition``)
+UNET_CONDITIONS = ("head", "target")
 
 
 #: how a coarse head's prototypes start (`CoarseHead.init_prototypes`, ``TinyDecoderConfig.coarse_prototype_init``)
@@ -785,8 +801,6 @@ def tiny_decoder_config(name: str) -> TinyDecoderConfig:
 def _tiny_pipeline_class():
     """``TinyDecoderPipeline``: a UNet and a scheduler, embeddings in, images out. Built on first use (diffusers
     is imported lazily). Its non-module settings (guidance, steps) are registered in ``model_index.json``."""
-    import inspect
-
     from diffusers import DiffusionPipeline, ImagePipelineOutput
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -796,12 +810,16 @@ def _tiny_pipeline_class():
 
         def __init__(self, unet, scheduler, coarse=None, guidance_scale: float = 2.0, num_inference_steps: int = 20,
                      cond_dropout: float = 0.1, patch_size: int = 1, coarse_temperature: float = 1.0,
-                     strength: float = 1.0):
+                     strength: float = 1.0, unet_condition: str = "head"):
             super().__init__()
+            if unet_condition not in UNET_CONDITIONS:
+                raise ConfigError(f"unknown unet_condition {unet_condition!r}; choose "
+                                  f"{' or '.join(UNET_CONDITIONS)}")
             self.register_modules(unet=unet, scheduler=scheduler, coarse=coarse)
             self.register_to_config(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                     cond_dropout=cond_dropout, patch_size=patch_size,
-                                    coarse_temperature=coarse_temperature, strength=strength)
+                                    coarse_temperature=coarse_temperature, strength=strength,
+                                    unet_condition=unet_condition)
             self.vae_scale_factor = patch_size  # pixels per latent cell (space-to-depth, no VAE)
 
         def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -868,7 +886,13 @@ def _tiny_pipeline_class():
                 cond = torch.cat([negative, emb])
             else:
                 cond = emb
-            coarse = self.coarse_latents(cond, height, width)
+            if cfg and self.config.unet_condition == "target" and self.coarse is not None:
+                # a UNet trained on the target's own drawing saw it with dropped embeddings too: guidance then
+                # contrasts the embedding alone, not also the null embedding's drawing
+                coarse = self.coarse_latents(emb, height, width)
+                coarse = torch.cat([coarse, coarse])
+            else:
+                coarse = self.coarse_latents(cond, height, width)
             self.scheduler.set_timesteps(steps, device=device)
             timesteps = self.scheduler.timesteps
             if strength < 1.0 and coarse is not None:
@@ -947,7 +971,7 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
                                       guidance_scale=cfg.guidance_scale,
                                       num_inference_steps=cfg.num_inference_steps, cond_dropout=cfg.cond_dropout,
                                       patch_size=cfg.patch_size, coarse_temperature=cfg.coarse_temperature,
-                                      strength=cfg.strength)
+                                      strength=cfg.strength, unet_condition=cfg.unet_condition)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -1004,10 +1028,10 @@ class TinyDecoder(ImageDecoder):
 
             unet = cast_copy(unet)
             coarse = cast_copy(coarse) if coarse is not None else None
-        pipeline = _tiny_pipeline_class()(unet=unet, scheduler=self.pipeline.scheduler, coarse=coarse,
-                                          **{k: self.pipeline.config[k] for k in
-                                             ("guidance_scale", "num_inference_steps", "cond_dropout",
-                                              "patch_size", "coarse_temperature", "strength")})
+        pipeline_class = _tiny_pipeline_class()
+        settings = set(inspect.signature(pipeline_class.__init__).parameters) - {"self", "unet", "scheduler", "coarse"}
+        pipeline = pipeline_class(unet=unet, scheduler=self.pipeline.scheduler, coarse=coarse,
+                                  **{k: self.pipeline.config[k] for k in settings if k in self.pipeline.config})
         return atomic_write_folder(folder, lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
 
     def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type,

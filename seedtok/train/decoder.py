@@ -15,7 +15,8 @@ cross-entropy towards each target's nearest prototype (``coarse_prototype_ce``, 
 MSE on its background colour (``coarse_background_weight``) and a cross-entropy towards the target's nearest
 background colour (``coarse_background_ce``, with ``coarse_background_colours``). Diffusion: diffusers'
 ``DDPMScheduler`` noises the target pixels ([-1, 1]) at a uniform timestep; the UNet, given the noisy pixels
-and the (detached, upsampled) coarse image, predicts the scheduler's ``prediction_type`` target (x0 by
+and the (detached, upsampled) coarse image (or, with ``unet_condition="target"``, the target's own
+downsampled, noise-augmented drawing), predicts the scheduler's ``prediction_type`` target (x0 by
 default) for the first ``unet_batch`` samples; plain MSE. The two losses are summed. Noise, timesteps and
 dropout draw from torch's global RNG, which the loop checkpoints, so a resumed run continues exactly. No
 augmentation: a mirrored emoji is another emoji.
@@ -50,7 +51,8 @@ from ..data.transforms import preprocess
 from ..errors import CheckpointError, ConfigError
 # the centred training target is the scorer's view of a scene (one definition of "centred", shared)
 from ..evaluate.emoji_scorer import normalize_scene
-from ..models.image_decoder import TINY_DECODERS, TinyDecoder, TinyDecoderConfig, border_colour, tiny_decoder_config
+from ..models.image_decoder import (TINY_DECODERS, UNET_CONDITIONS, TinyDecoder, TinyDecoderConfig, border_colour,
+                                    tiny_decoder_config)
 from .loop import TrainConfig, TrainResult, read_run_file, with_overrides
 
 #: what ``TrainConfig.train_parts`` may train of a decoder: everything; the coarse head alone (the UNet of an
@@ -254,7 +256,7 @@ class DecoderTask:
 
     def __init__(self, decoder: TinyDecoder, embed_noise: float = 0.0, unet_batch: int = 0,
                  prototype_ce: float = 0.0, background_weight: float = 0.0, train_parts: str = "all",
-                 background_ce: float = 0.0):
+                 background_ce: float = 0.0, unet_condition: str = "head", coarse_augment: float = 0.0):
         from diffusers import DDPMScheduler
 
         config = decoder.pipeline.scheduler.config
@@ -270,13 +272,28 @@ class DecoderTask:
             raise ConfigError(f"train_parts=\"{train_parts}\" needs a decoder config with a coarse head (coarse_size)")
         self.coarse_only = train_parts == "coarse"  # the UNet stays as it is and is not run
         self.unet_only = train_parts == "unet"  # the head stays as it is and draws at its decode temperature
+        if unet_condition not in UNET_CONDITIONS:
+            raise ConfigError(f"unknown unet_condition {unet_condition!r}; choose {' or '.join(UNET_CONDITIONS)}")
+        if unet_condition == "target" and decoder.pipeline.coarse is None:
+            raise ConfigError('unet_condition="target" needs a decoder config with a coarse head (coarse_size)')
+        self.unet_condition, self.coarse_augment = unet_condition, coarse_augment
         self.pipeline = decoder.pipeline
 
     @classmethod
     def for_config(cls, decoder: TinyDecoder, config: TinyDecoderConfig, train_parts: str = "all") -> "DecoderTask":
         """The task with a decoder config's training options."""
         return cls(decoder, config.embed_noise, config.unet_batch, config.coarse_prototype_ce,
-                   config.coarse_background_weight, train_parts, config.coarse_background_ce)
+                   config.coarse_background_weight, train_parts, config.coarse_background_ce,
+                   config.unet_condition, config.coarse_augment)
+
+    def target_drawing(self, pixels: torch.Tensor, size: int) -> torch.Tensor:
+        """``unet_condition="target"``: the targets at the head's size (as its MSE target), each plus Gaussian
+        noise of a std drawn from [0, ``coarse_augment``], clipped to the pixel range."""
+        small = F.interpolate(pixels, size=(size, size), mode="area")
+        if self.coarse_augment > 0:
+            std = self.coarse_augment * torch.rand(len(small), 1, 1, 1, device=small.device, dtype=small.dtype)
+            small = (small + std * torch.randn_like(small)).clamp(-1.0, 1.0)
+        return small
 
     def train_mode(self, model):
         model.train()
@@ -299,8 +316,9 @@ class DecoderTask:
         if self.unet_only:
             if self.unet_batch and len(emb) > self.unet_batch:
                 pixels, emb = pixels[:self.unet_batch], emb[:self.unet_batch]
-            with torch.no_grad(), torch.autocast(emb.device.type, enabled=False):
-                coarse = model.coarse(emb.float(), temperature=pipe.config.coarse_temperature)
+            if self.unet_condition == "head":  # ("target": the head is not needed)
+                with torch.no_grad(), torch.autocast(emb.device.type, enabled=False):
+                    coarse = model.coarse(emb.float(), temperature=pipe.config.coarse_temperature)
         elif model.coarse is not None:
             # the head runs in fp32 under mixed precision: it is small (its step costs little next to the
             # UNet's), and in bf16 its softmax over K prototypes and their mix keep 8 mantissa bits
@@ -339,6 +357,8 @@ class DecoderTask:
         if self.unet_batch and len(emb) > self.unet_batch:
             pixels, emb = pixels[:self.unet_batch], emb[:self.unet_batch]
             coarse = coarse[:self.unet_batch] if coarse is not None else None
+        if self.unet_condition == "target":
+            coarse = self.target_drawing(pixels, model.coarse.config.size)
         # the UNet refines the coarse image; it does not train the head (which has its own loss)
         coarse_latents = pipe.upsample_coarse(coarse.detach(), *pixels.shape[-2:]) if coarse is not None else None
         x0 = pipe.to_latents(pixels)
