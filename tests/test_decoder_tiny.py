@@ -727,7 +727,7 @@ def test_background_colours_are_a_learned_palette_picked_from_the_borders(micro_
         new_decoder(dataclasses.replace(cfg, coarse_background_colours=0), micro_data)
 
 
-def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_path):
+def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_path, monkeypatch):
     """condition="generation": the embeddings are the tokenizer's decode_embeddings(encode(image)), also
     through the tokenizer's feature cache; the coarse head standardises by them; the run trains."""
     from safetensors.torch import save_file
@@ -743,9 +743,19 @@ def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_pat
     samples = open_source(spec)
     images = [samples[i].image for i in range(8)]
     expected = tok.decode_embeddings(tok.encode(images)).half().float()
+    vision_class = type(tok.vision)
+    backbone_calls = []
+    features = vision_class.features
+    monkeypatch.setattr(vision_class, "features", lambda self, x: backbone_calls.append(len(x)) or features(self, x))
     data = DecoderData(preset("micro"), samples, spec, 16, cache_dir=tmp_path / "a", progress=False, tokenizer=tok)
+    assert backbone_calls == [8]  # one pass gives the teacher and the codes
     torch.testing.assert_close(data.batch(list(range(8)))["embeds"], expected, rtol=2e-3, atol=2e-3)
     assert not torch.allclose(data.embeds.float(), data.teacher.float())
+    generation_cache, = (tmp_path / "a").glob("generation-*.safetensors")
+    generation_cache.unlink()  # the pixels' cache stays: the codes then get their own pass
+    again = DecoderData(preset("micro"), samples, spec, 16, cache_dir=tmp_path / "a", progress=False, tokenizer=tok)
+    assert backbone_calls == [8, 8] and generation_cache.is_file()
+    torch.testing.assert_close(again.embeds, data.embeds)
     dec = new_decoder(tiny_decoder_config("micro"), data)
     torch.testing.assert_close(dec.pipeline.coarse.input_mean, data.embeds.float().mean(0))
     targets = torch.nn.functional.interpolate(data.pixels.float() / 127.5 - 1, size=(8, 8), mode="area")

@@ -101,6 +101,14 @@ class DecoderData:
         # the tokenizer's feature cache for the same data, when there is one (same key as TokenizerData's)
         self._features_cache = cache_dir / f"features-{_cache_key(_ConfigHolder(config), data_spec, 'features')}" \
                                            f".safetensors"
+        generation_cache = None
+        if tokenizer is not None:
+            key = _key(config, data_spec, 0, "generation") + "-" + _weights_digest(tokenizer)
+            generation_cache = cache_dir / f"generation-{key}.safetensors"
+        # when both caches are to be made, one pass runs the backbone once for the teacher and the codes
+        self._pass_tokenizer = tokenizer if generation_cache is not None and not generation_cache.is_file() \
+            else None
+        self._pass_generation: torch.Tensor | None = None
         tensors = _load_or_compute(cache_dir / f"decoder-{_key(config, data_spec, self.size, target)}.safetensors",
                                    self._compute)
         self._labels_cache = cache_dir / f"labels-{_key(config, data_spec, 0, 'labels')}.safetensors"
@@ -116,9 +124,10 @@ class DecoderData:
         #: [N] long, or None: each target's nearest starting background colour (``coarse_background_ce``)
         self.background_targets: torch.Tensor | None = None
         if tokenizer is not None:
-            key = _key(config, data_spec, 0, "generation") + "-" + _weights_digest(tokenizer)
-            self.embeds = _load_or_compute(cache_dir / f"generation-{key}.safetensors",
-                                           lambda: {"embeds": self._compute_generation(tokenizer)})["embeds"]
+            self.embeds = _load_or_compute(generation_cache, lambda: {"embeds": self._pass_generation if
+                                           self._pass_generation is not None else
+                                           self._compute_generation(tokenizer)})["embeds"]
+            self._pass_generation = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -156,15 +165,21 @@ class DecoderData:
         cfg = self.config
         reuse = self._features_cache.is_file()
         teacher = build_teacher(cfg)  # also when reusing: its pooled_teacher picks the rows
-        pixels, embeds = [], []
-        for start in self._starts("cache decoder pixels + teacher embeddings"):
+        tok = self._pass_tokenizer if not reuse else None
+        pixels, embeds, generation = [], [], []
+        for start in self._starts("cache decoder pixels + teacher embeddings" + (" + codes" if tok else "")):
             images = [self.samples[i].image for i in range(start, min(start + self.chunk, len(self.samples)))]
             targets = images if self.target == "scene" else [normalize_scene(im) for im in images]
             pixels.append(torch.from_numpy(np.stack([np.asarray(_resize(im, self.size), dtype=np.uint8)
                                                      for im in targets])).permute(0, 3, 1, 2).contiguous())
             if not reuse:
                 x = preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.resample)
-                embeds.append(teacher.pooled_teacher(teacher.features(x)).to(torch.float16))
+                feats = teacher.features(x)  # the tokenizer's frozen backbone, with the same weights
+                embeds.append(teacher.pooled_teacher(feats).to(torch.float16))
+                if tok is not None:
+                    generation.append(_code_embeddings(tok, feats))
+        if generation:
+            self._pass_generation = torch.cat(generation)
         if reuse:
             from safetensors import safe_open
 
@@ -194,8 +209,7 @@ class DecoderData:
                     images = [self.samples[i].image for i in range(start, stop)]
                     feats = tok.vision.features(preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std,
                                                            cfg.resample).to(tok.dtype))
-                ids = tok.quantizer(tok.qformer(tok.vision.normalize(feats))).ids  # = tok.encode, from features
-                out.append(tok.decode_embeddings(ids).to(torch.float16))
+                out.append(_code_embeddings(tok, feats))
         return torch.cat(out)
 
     def batch(self, indices: list[int], step: int = 0) -> dict[str, torch.Tensor]:
@@ -206,6 +220,14 @@ class DecoderData:
         if self.background_targets is not None:
             batch["background"] = self.background_targets[indices]
         return batch
+
+
+def _code_embeddings(tokenizer, features: torch.Tensor) -> torch.Tensor:
+    """Backbone features -> ids -> the de-tokenizer's generation embeddings (= ``decode_embeddings(encode(...))``
+    from features), fp16."""
+    tok = tokenizer.eval()
+    ids = tok.quantizer(tok.qformer(tok.vision.normalize(features.to(tok.dtype)))).ids
+    return tok.decode_embeddings(ids).to(torch.float16)
 
 
 class _ConfigHolder:
