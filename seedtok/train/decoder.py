@@ -467,7 +467,8 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
     ``coarse_only`` (``train_parts="coarse"``): a new coarse head, as the config says, on the UNet of the
     trained decoder folder ``init``, which stays frozen (minutes instead of an hour: the UNet is not run).
     ``unet_only`` (``train_parts="unet"``): the UNet of ``init`` fine-tuned under its coarse head, which stays
-    frozen (after a new head, so the UNet learns to refine that head's drawings)."""
+    frozen (after a new head, so the UNet learns to refine that head's drawings; with
+    ``unet_condition="target"`` it learns to render the targets' own drawings, and the head is not run)."""
     from ..data.sources import open_source
     from .loop import Trainer, latest_checkpoint
 
