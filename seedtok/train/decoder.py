@@ -106,11 +106,17 @@ class DecoderData:
             key = _key(config, data_spec, 0, "generation") + "-" + _weights_digest(tokenizer)
             generation_cache = cache_dir / f"generation-{key}.safetensors"
         # when both caches are to be made, one pass runs the backbone once for the teacher and the codes
-        self._pass_tokenizer = tokenizer if generation_cache is not None and not generation_cache.is_file() \
-            else None
-        self._pass_generation: torch.Tensor | None = None
+        one_pass = tokenizer if generation_cache is not None and not generation_cache.is_file() else None
+        generation = {}  # {"embeds": ...} when that pass made them
+
+        def compute():
+            tensors = self._compute(one_pass)
+            if "generation" in tensors:
+                generation["embeds"] = tensors.pop("generation")
+            return tensors
+
         tensors = _load_or_compute(cache_dir / f"decoder-{_key(config, data_spec, self.size, target)}.safetensors",
-                                   self._compute)
+                                   compute)
         self._labels_cache = cache_dir / f"labels-{_key(config, data_spec, 0, 'labels')}.safetensors"
         self.pixels, self.teacher = tensors["pixels"], tensors["teacher"]
         if len(self.pixels) != len(samples):
@@ -124,10 +130,8 @@ class DecoderData:
         #: [N] long, or None: each target's nearest starting background colour (``coarse_background_ce``)
         self.background_targets: torch.Tensor | None = None
         if tokenizer is not None:
-            self.embeds = _load_or_compute(generation_cache, lambda: {"embeds": self._pass_generation if
-                                           self._pass_generation is not None else
-                                           self._compute_generation(tokenizer)})["embeds"]
-            self._pass_generation = None
+            self.embeds = _load_or_compute(generation_cache, lambda: generation or
+                                           {"embeds": self._compute_generation(tokenizer)})["embeds"]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -161,11 +165,13 @@ class DecoderData:
         return starts
 
     @torch.inference_mode()
-    def _compute(self) -> dict[str, torch.Tensor]:
+    def _compute(self, tokenizer=None) -> dict[str, torch.Tensor]:
+        """Pixels and teacher embeddings; with ``tokenizer`` (and no feature cache to read) also the codes'
+        generation embeddings from the same backbone features (key "generation")."""
         cfg = self.config
         reuse = self._features_cache.is_file()
         teacher = build_teacher(cfg)  # also when reusing: its pooled_teacher picks the rows
-        tok = self._pass_tokenizer if not reuse else None
+        tok = tokenizer if not reuse else None
         pixels, embeds, generation = [], [], []
         for start in self._starts("cache decoder pixels + teacher embeddings" + (" + codes" if tok else "")):
             images = [self.samples[i].image for i in range(start, min(start + self.chunk, len(self.samples)))]
@@ -178,8 +184,6 @@ class DecoderData:
                 embeds.append(teacher.pooled_teacher(feats).to(torch.float16))
                 if tok is not None:
                     generation.append(_code_embeddings(tok, feats))
-        if generation:
-            self._pass_generation = torch.cat(generation)
         if reuse:
             from safetensors import safe_open
 
@@ -187,7 +191,10 @@ class DecoderData:
                 features = f.get_slice("features")
                 embeds = [teacher.pooled_teacher(features[i:i + self.chunk]).to(torch.float16)
                           for i in range(0, len(self.samples), self.chunk)]
-        return {"pixels": torch.cat(pixels), "teacher": torch.cat(embeds).reshape(len(self.samples), -1)}
+        tensors = {"pixels": torch.cat(pixels), "teacher": torch.cat(embeds).reshape(len(self.samples), -1)}
+        if generation:
+            tensors["generation"] = torch.cat(generation)
+        return tensors
 
     @torch.inference_mode()
     def _compute_generation(self, tokenizer) -> torch.Tensor:
