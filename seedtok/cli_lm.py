@@ -74,6 +74,9 @@ def add_lm_commands(sub, stages, evals) -> None:
     q.add_argument("--quick", action="store_true", help="a short run to see every part work")
     q.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     q.add_argument("--steps", type=_positive_int, default=None)
+    q.add_argument("--init", default=None, metavar="LM",
+                   help="continue from a trained LM (checkpoint folder, or a preset's bundled weights) with a "
+                        "fresh optimiser and schedule; its layout must match --config")
     q.set_defaults(func=_train_lm)
 
     q = evals.add_parser("lm", help="captions, VQA, text-to-image and text perplexity on emoji-world scenes")
@@ -251,7 +254,7 @@ def _train_lm(args) -> int:
     from .train.lm import train_lm
 
     result = train_lm(args.config, data=args.data, out=args.out, quick=args.quick, resume=args.resume,
-                      steps=args.steps)
+                      steps=args.steps, init=args.init)
     print(f"{result.summary()}; model: {result.out_dir / 'final'}")
     return 0
 

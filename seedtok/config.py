@@ -337,6 +337,12 @@ class LMConfig:
     image_first_fraction: float = 0.5
     label_leading_image: bool = True
     instruct_fraction: float = 0.3
+    # Text replay (a named deviation; SPEC: none, 0.0): this share of the samples is plain English that the
+    # base LM itself wrote (`seedtok.train.lm.replay_texts`: ``text_replay_size`` continuations of fixed
+    # openings, sampled once with the adapter off), with loss on every token, so the tuned LM keeps the base
+    # model's own distribution over plain text (pseudo-rehearsal) while it learns the images.
+    text_replay_fraction: float = 0.0
+    text_replay_size: int = 512
     # Sampling defaults for draw (SPEC §3: temperature 1.0, top-p 0.5); text answers default to greedy
     temperature: float = 1.0
     top_p: float = 0.5
@@ -381,7 +387,7 @@ def _lm_tiny() -> LMConfig:
     return LMConfig(name="tiny", base="smollm2-135m-instruct", tokenizer="tiny", codebook_size=1024,
                     prompt_format="plain", lora_r=8, lora_alpha=16, max_length=96,
                     image_row_init="captions", image_first_fraction=0.6, label_leading_image=False,
-                    instruct_fraction=0.4)
+                    instruct_fraction=0.4, text_replay_fraction=0.2)
 
 
 def _lm_seed_llama() -> LMConfig:

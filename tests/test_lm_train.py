@@ -14,7 +14,7 @@ from seedtok.evaluate.lm import cider_d, parse_caption
 from seedtok.models.lm import IGNORE, SeedLM
 from seedtok.train.lm import LMData, lm_recipe, train_lm
 
-from test_lm import lm_config, make_base  # noqa: E402 - the tests folder is on sys.path (pytest rootdir)
+from test_lm import lm_config, make_base, perturb  # noqa: E402 - the tests folder is on sys.path (pytest rootdir)
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +240,60 @@ def test_row_init_options_start_training_from_the_captions(llama, ids_dir):
     torch.testing.assert_close(rows(lm)[~used], rows(only_codebook)[~used])
     with pytest.raises(ConfigError, match="image_row_init"):
         _row_init(lm_config(llama, image_row_init="words"), data)
+
+
+# ------------------------------------------------------------------------------------------ text replay, warm start
+def test_text_replay_texts_come_from_the_base_lm_and_are_cached(llama, tmp_path):
+    from seedtok.train.lm import REPLAY_OPENINGS, cached_replay_texts, replay_texts
+
+    lm = SeedLM.build(lm_config(llama, text_replay_size=5))
+    texts = replay_texts(lm, 5, seed=0, max_new_tokens=6, batch_size=2, progress=False)
+    assert len(texts) == 5 and all(t.startswith(o) for t, o in zip(texts, REPLAY_OPENINGS))
+    assert any(len(t) > len(o) for t, o in zip(texts, REPLAY_OPENINGS))  # continued, not just the openings
+    perturb(lm)  # a trained adapter does not change what the base LM writes
+    assert replay_texts(lm, 5, seed=0, max_new_tokens=6, batch_size=2, progress=False) == texts
+    assert replay_texts(lm, 5, seed=1, max_new_tokens=6, batch_size=2, progress=False) != texts
+    first = cached_replay_texts(lm, tmp_path, progress=False)
+    (cached,) = tmp_path.glob("replay-*.json")
+    cached.write_text(json.dumps(["from the cache"] * 5))
+    assert len(first) == 5 and cached_replay_texts(lm, tmp_path, progress=False) == ["from the cache"] * 5
+
+
+def test_text_replay_share_and_labels(llama, ids_dir):
+    ids = load_ids(ids_dir)
+    plain = LMData(SeedLM.build(lm_config(llama)), ids, seed=0)
+    replay = ["the river was cold", "bread is made from flour"]
+    lm = SeedLM.build(lm_config(llama, text_replay_fraction=0.5))
+    data = LMData(lm, ids, seed=0, replay=replay)
+    texts = {tuple(lm.encode([(t, True)])[0]) for t in replay}
+    drawn = [data.sequence(i % len(data), i) for i in range(200)]
+    replayed = [(s, l) for s, l in drawn if tuple(s) in texts]
+    assert 70 <= len(replayed) <= 130  # about half
+    start = len(lm.bos_ids)
+    assert all(s[start:] == l[start:] for s, l in replayed)  # loss on every token of a replayed text
+    assert not any(tuple(s) in texts for s, _ in (plain.sequence(i % len(data), i) for i in range(50)))
+    with pytest.raises(ConfigError, match="replay texts"):
+        LMData(lm, ids)
+
+
+def test_warm_start_continues_a_trained_lm(llama, ids_dir, tmp_path):
+    from seedtok.train.lm import warm_start
+
+    cfg = lm_config(llama)
+    trained = SeedLM.build(cfg)
+    perturb(trained)
+    trained.save_pretrained(tmp_path / "trained")
+    lm = warm_start(tmp_path / "trained", lm_config(llama, instruct_fraction=0.0))
+    assert lm.config.instruct_fraction == 0.0  # the run's mix
+    for (name, a), (_, b) in zip(trained.trainable_named_parameters(), lm.trainable_named_parameters()):
+        assert torch.equal(a, b) and b.requires_grad, name
+    with pytest.raises(ConfigError, match="lora_r 4 != 8"):
+        warm_start(tmp_path / "trained", lm_config(llama, lora_r=8))
+    result = train_lm((lm_config(llama), lm_recipe("micro")), data=ids_dir, out=tmp_path / "run",
+                      init=tmp_path / "trained", progress=False)
+    assert result.steps == 6
+    moved = SeedLM.from_pretrained(tmp_path / "run" / "final")
+    fresh = dict(SeedLM.build(cfg).trainable_named_parameters())
+    for name, p in moved.trainable_named_parameters():  # training went on from the trained weights
+        t = dict(trained.trainable_named_parameters())[name]
+        assert (p - t).abs().max() < (t - fresh[name]).abs().max(), name

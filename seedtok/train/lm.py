@@ -6,7 +6,9 @@ becomes, by a draw seeded from (seed, index, step) so resumed runs replay it:
   sample (a generated question about it, `seedtok.data.questions`): loss on the answer only;
 - otherwise a pre-training sample, image -> caption with probability ``LMConfig.image_first_fraction`` (SPEC:
   50/50), else caption -> image: loss on every non-pad token (``label_leading_image=False``: not on the image
-  tokens of image -> caption samples).
+  tokens of image -> caption samples);
+- drawn first, with probability ``LMConfig.text_replay_fraction`` (tiny: 0.2; SPEC: 0), a plain-English text
+  that the base LM wrote itself (`replay_texts`, made once per run folder's cache): loss on every token.
 
 Trains the LoRA adapter and the new token rows (`SeedLM.trainable_named_parameters`).
 """
@@ -56,10 +58,69 @@ def lm_recipe(name: str, quick: bool = False) -> TrainConfig:
     return cfg
 
 
-class LMData:
-    """``len`` + ``batch(indices, step)`` over extracted ids, for the shared Trainer."""
+# Openings that the base LM continues into the text replay (written for this project; everyday subjects, none
+# from the held-out perplexity text of `seedtok.evaluate.lm`).
+REPLAY_OPENINGS = (
+    "The old bridge", "In the spring,", "My neighbour", "Every morning", "The museum", "When it started to rain,",
+    "Scientists", "The recipe", "Our teacher", "On the island", "The small shop", "During the war,",
+    "A healthy diet", "The football match", "Last summer", "The city council", "Most birds", "The storm",
+    "In the kitchen,", "The company", "Learning a language", "The mountain village", "Her first job",
+    "The farmer", "At night,", "The history of", "Many people believe", "The orchestra", "When I was young,",
+    "The hospital", "A map of the town", "The desert", "Our holiday", "The election", "Good sleep",
+    "The painter", "In the forest,", "The new road", "The price of coffee", "The school bus", "An old letter",
+    "The harbour", "Winter in the north", "The young doctor", "The internet", "A quiet street", "The river",
+    "The bakery", "Two friends", "The experiment", "The lighthouse", "Electric cars", "The library",
+    "After dinner,", "The market", "The team", "A long journey", "The garden", "The weather today",
+    "The castle", "The factory", "Children often", "The moon", "The village festival", "The science of",
+)
 
-    def __init__(self, lm, data: IdsDataset, seed: int = 0, max_length: int | None = None):
+
+def replay_texts(lm, count: int, seed: int = 0, max_new_tokens: int = 32, batch_size: int = 32,
+                 progress: bool = True) -> list[str]:
+    """``count`` plain-English texts that the base LM writes itself (adapter and new rows off): each of
+    `REPLAY_OPENINGS` in turn, continued by sampling (temperature 1, top-p 0.95; row i of batch b with seed
+    ``seed + b * batch_size + i``). Training on them beside the images keeps the LM's own distribution over
+    plain text (``LMConfig.text_replay_fraction``). Short (~40 tokens) so that, under the token-mean loss, a
+    replay sample weighs about as much as a caption sample."""
+    from tqdm.auto import tqdm
+
+    openings = [REPLAY_OPENINGS[i % len(REPLAY_OPENINGS)] for i in range(count)]
+    texts: list[str] = []
+    starts = range(0, count, batch_size)
+    with torch.no_grad(), lm.adapter_disabled():
+        for start in (tqdm(starts, desc="replay text", unit="batch") if progress else starts):
+            batch = openings[start:start + batch_size]
+            prompts = [lm.encode([(o, False)])[0] for o in batch]
+            out = lm.generate_ids(prompts, max_new_tokens, "text", temperature=1.0, top_p=0.95, seed=seed + start)
+            texts += [o + lm.tokenizer.decode([t for t in ids if t != lm.eos_id]) for o, ids in zip(batch, out)]
+    return texts
+
+
+def cached_replay_texts(lm, cache: Path, seed: int = 0, progress: bool = True) -> list[str]:
+    """`replay_texts` for ``lm.config`` (``text_replay_size`` texts), made once and kept in ``cache`` as JSON
+    (written atomically), keyed by the base LM, the count, the seed and the openings."""
+    import hashlib
+    import json
+
+    from ..fileio import atomic_write_text
+
+    count = lm.config.text_replay_size
+    key = hashlib.sha256(json.dumps([lm.config.base, count, seed, REPLAY_OPENINGS]).encode()).hexdigest()[:16]
+    path = Path(cache) / f"replay-{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    texts = replay_texts(lm, count, seed, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(texts, indent=1))
+    return texts
+
+
+class LMData:
+    """``len`` + ``batch(indices, step)`` over extracted ids, for the shared Trainer. ``replay``: the plain
+    texts of the text replay (needed when ``text_replay_fraction`` > 0)."""
+
+    def __init__(self, lm, data: IdsDataset, seed: int = 0, max_length: int | None = None,
+                 replay: list[str] | None = None):
         if data.codebook_size and data.codebook_size != lm.config.codebook_size:
             raise ConfigError(f"the ids were extracted with a codebook of {data.codebook_size}, the LM expects "
                               f"{lm.config.codebook_size} (tokenizer {lm.config.tokenizer!r})")
@@ -69,9 +130,12 @@ class LMData:
         self.lm, self.data, self.seed = lm, data, seed
         self.max_length = max_length
         cfg = lm.config
-        for name in ("image_first_fraction", "instruct_fraction"):
+        for name in ("image_first_fraction", "instruct_fraction", "text_replay_fraction"):
             if not 0.0 <= getattr(cfg, name) <= 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
+        self.replay = list(replay or [])
+        if cfg.text_replay_fraction > 0 and not self.replay:
+            raise ConfigError("text_replay_fraction > 0 needs replay texts (seedtok.train.lm.replay_texts)")
 
     def __len__(self) -> int:
         return len(self.data)
@@ -81,6 +145,9 @@ class LMData:
         ids, caption = self.data.ids[index], self.data.captions[index]
         meta = self.data.meta[index] if index < len(self.data.meta) else {}
         cfg = self.lm.config
+        # drawn only when replay is on, so runs without it see exactly the samples they always did
+        if cfg.text_replay_fraction > 0 and rng.random() < cfg.text_replay_fraction:
+            return self.lm.encode([(self.replay[int(rng.integers(len(self.replay)))], True)])
         if rng.random() < cfg.instruct_fraction:
             qa = emoji_question(meta, KINDS[int(rng.integers(len(KINDS)))], rng)
             if qa is not None:
@@ -142,11 +209,31 @@ def _row_init(config: LMConfig, ids: IdsDataset) -> dict:
     return {"codebook": codebook, "captioned_ids": (ids.ids, ids.captions)}
 
 
+# What fixes the shapes and meaning of an LM checkpoint's tensors: a warm start (``--init``) must agree on them.
+_LAYOUT_FIELDS = ("base", "tokenizer", "num_image_tokens", "codebook_size", "image_id_shift", "prompt_format",
+                  "add_bos", "lora_r", "lora_alpha", "lora_targets", "train_new_rows", "full_embeddings")
+
+
+def warm_start(init: str | Path, config: LMConfig):
+    """The trained LM ``init`` (a checkpoint folder or a preset with bundled weights) to continue training
+    under ``config``, whose layout (`_LAYOUT_FIELDS`) must match; its mix and sampling options are taken."""
+    from ..models.lm import SeedLM
+
+    lm = SeedLM.from_pretrained(init, dtype=config.dtype)
+    differ = [f"{f} {getattr(lm.config, f)!r} != {getattr(config, f)!r}" for f in _LAYOUT_FIELDS
+              if getattr(lm.config, f) != getattr(config, f)]
+    if differ:
+        raise ConfigError(f"--init {init} does not match the run's LM config: {'; '.join(differ)}")
+    lm.config = dataclasses.replace(config)
+    return lm
+
+
 def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None = None, out: str | Path | None = None,
              quick: bool = False, resume: bool = False, steps: int | None = None, progress: bool = True,
-             lm=None) -> TrainResult:
+             lm=None, init: str | Path | None = None) -> TrainResult:
     """Train the adapter on extracted ids (``data``: an ids folder; default: the recipe's); the model is
-    saved to ``OUT/final``. ``lm``: an already built SeedLM (tests)."""
+    saved to ``OUT/final``. ``init``: start from a trained LM (`warm_start`) instead of a fresh adapter, with
+    a fresh optimiser and schedule. ``lm``: an already built SeedLM (tests)."""
     from ..models.lm import SeedLM
 
     model_cfg, train_cfg = config if isinstance(config, tuple) else load_lm_run_config(config, quick)
@@ -160,10 +247,17 @@ def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None
     if not resume and latest_checkpoint(out) is not None:
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     ids = load_ids(train_cfg.data)  # fails early, before the LM is loaded
-    model = lm if lm is not None else SeedLM.build(model_cfg, seed=train_cfg.seed, **_row_init(model_cfg, ids))
+    if lm is not None:
+        model = lm
+    elif init is not None:
+        model = warm_start(init, model_cfg)
+    else:
+        model = SeedLM.build(model_cfg, seed=train_cfg.seed, **_row_init(model_cfg, ids))
+    replay = (cached_replay_texts(model, out.parent / "cache", train_cfg.seed, progress)
+              if model.config.text_replay_fraction > 0 else None)
     if train_cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    dataset = LMData(model, ids, seed=train_cfg.seed, max_length=model_cfg.max_length)
+    dataset = LMData(model, ids, seed=train_cfg.seed, max_length=model_cfg.max_length, replay=replay)
     trainer = Trainer(train_cfg, model, LMTask(), dataset, out, progress=progress)
     if resume:
         trainer.resume()
