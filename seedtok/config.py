@@ -382,8 +382,9 @@ def _lm_tiny() -> LMConfig:
     # r 8 / alpha 16 (same alpha/r scale as the paper's 16/32) on all seven projections keeps the bundled
     # adapter + 1,026 new rows at ~6 MB in fp16; r 16 would be ~11 MB. Named deviations for a CPU budget of a
     # few thousand samples: the code rows start from the captions (with the codebook start the captions did not
-    # depend on the image after 100 steps; with it, forced-choice colour 56.8%), and the mix weights reading
-    # (README: "The tiny preset's three named deviations").
+    # depend on the image after 100 steps; with it, forced-choice colour 56.8%), the mix weights reading, the
+    # LoRA learns at 0.2x, and a fifth of the samples replays plain English the base LM wrote itself, which
+    # keeps its language (README: "The tiny preset's four named deviations").
     return LMConfig(name="tiny", base="smollm2-135m-instruct", tokenizer="tiny", codebook_size=1024,
                     prompt_format="plain", lora_r=8, lora_alpha=16, max_length=96,
                     image_row_init="captions", image_first_fraction=0.6, label_leading_image=False,

@@ -71,3 +71,29 @@ def test_micro_is_deterministic_and_small():
     assert sum(p.numel() for p in a.parameters()) < 2_000_000
     c = SeedTokenizer(dataclasses.replace(preset("micro"), seed=1))
     assert not torch.equal(a.qformer.query_tokens, c.qformer.query_tokens)
+
+
+def test_shipped_run_files_load_with_their_stage():
+    """Every configs/*.yaml run file parses with the loader of its stage; the tiny LM's two bundle runs keep
+    tiny's recipe and differ only in the replay (first) and in what the second one changes."""
+    from pathlib import Path
+
+    from seedtok.train import load_run_config
+    from seedtok.train.decoder import load_decoder_run_config
+    from seedtok.train.lm import LM_RECIPES, load_lm_run_config
+
+    folder = Path(__file__).resolve().parent.parent / "configs"
+    files = sorted(folder.glob("*.yaml"))
+    assert len(files) >= 7
+    for path in files:
+        if "-lm" in path.name:
+            load_lm_run_config(str(path))
+        elif "decoder" in path.name:
+            load_decoder_run_config(str(path))
+        else:
+            load_run_config(str(path), stage=int(path.stem[-1]))
+    first_model, first_train = load_lm_run_config(str(folder / "tiny-lm-first.yaml"))
+    assert first_train == LM_RECIPES["tiny"] and first_model.text_replay_fraction == 0.0
+    model, train = load_lm_run_config(str(folder / "tiny-lm-continue.yaml"))
+    assert model.text_replay_fraction > 0 and train.lr_scales == LM_RECIPES["tiny"].lr_scales
+    assert dataclasses.replace(first_model, text_replay_fraction=model.text_replay_fraction) == model

@@ -58,8 +58,9 @@ def lm_recipe(name: str, quick: bool = False) -> TrainConfig:
     return cfg
 
 
-# Openings that the base LM continues into the text replay (written for this project; everyday subjects, none
-# from the held-out perplexity text of `seedtok.evaluate.lm`).
+# Openings that the base LM continues into the text replay (written for this project; everyday subjects). The
+# replay is these few words and the base LM's own continuation, so nothing of the held-out text
+# (`seedtok.evaluate.lm`) enters it.
 REPLAY_OPENINGS = (
     "The old bridge", "In the spring,", "My neighbour", "Every morning", "The museum", "When it started to rain,",
     "Scientists", "The recipe", "Our teacher", "On the island", "The small shop", "During the war,",
@@ -80,7 +81,7 @@ def replay_texts(lm, count: int, seed: int = 0, max_new_tokens: int = 32, batch_
     """``count`` plain-English texts that the base LM writes itself (adapter and new rows off): each of
     `REPLAY_OPENINGS` in turn, continued by sampling (temperature 1, top-p 0.95; row i of batch b with seed
     ``seed + b * batch_size + i``). Training on them beside the images keeps the LM's own distribution over
-    plain text (``LMConfig.text_replay_fraction``). Short (~40 tokens) so that, under the token-mean loss, a
+    plain text (``LMConfig.text_replay_fraction``). Short (~35 tokens) so that, under the token-mean loss, a
     replay sample weighs about as much as a caption sample."""
     from tqdm.auto import tqdm
 
