@@ -1,5 +1,6 @@
 """LM data, training on the shared loop, id shards, evaluation metrics and the CLI verbs (tiny random LLaMA)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -297,3 +298,14 @@ def test_warm_start_continues_a_trained_lm(llama, ids_dir, tmp_path):
     for name, p in moved.trainable_named_parameters():  # training went on from the trained weights
         t = dict(trained.trainable_named_parameters())[name]
         assert (p - t).abs().max() < (t - fresh[name]).abs().max(), name
+
+
+def test_quick_run_writes_few_replay_texts(llama, ids_dir, tmp_path):
+    from seedtok.train.lm import QUICK_REPLAY
+
+    cfg = lm_config(llama, text_replay_fraction=0.5, text_replay_size=QUICK_REPLAY + 8)
+    recipe = dataclasses.replace(lm_recipe("micro"), steps=2)
+    train_lm((cfg, recipe), data=ids_dir, out=tmp_path / "run", quick=True, progress=False)
+    (cached,) = (tmp_path / "cache").glob("replay-*.json")
+    assert len(json.loads(cached.read_text())) == QUICK_REPLAY
+    assert SeedLM.from_pretrained(tmp_path / "run" / "final").config.text_replay_size == QUICK_REPLAY

@@ -49,6 +49,7 @@ LM_RECIPES = {
                          mixed_precision="no"),
 }
 _QUICK = {"tiny": dict(steps=40, checkpoint_every=20)}
+QUICK_REPLAY = 64  # replay texts of a --quick run
 
 
 def lm_recipe(name: str, quick: bool = False) -> TrainConfig:
@@ -240,6 +241,8 @@ def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None
     from ..models.lm import SeedLM
 
     model_cfg, train_cfg = config if isinstance(config, tuple) else load_lm_run_config(config, quick)
+    if quick:  # a short run to see every part work: a few batches of replay text, not minutes of them
+        model_cfg = dataclasses.replace(model_cfg, text_replay_size=min(model_cfg.text_replay_size, QUICK_REPLAY))
     if steps:
         train_cfg.steps = steps
     if data:
