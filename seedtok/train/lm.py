@@ -16,6 +16,8 @@ Trains the LoRA adapter and the new token rows (`SeedLM.trainable_named_paramete
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from ..config import LM_PRESETS, LMConfig, lm_preset
 from ..data.ids import IdsDataset, load_ids
 from ..data.questions import KINDS, emoji_question
 from ..errors import ConfigError
+from ..fileio import atomic_write_text
 from .loop import TrainConfig, TrainResult, Trainer, latest_checkpoint, read_run_file, with_overrides
 
 # Recipes. SEED-LLaMA's optimiser (SPEC §3): AdamW (0.9, 0.95), lr 1.5e-4 cosine, weight decay 0.05. The tiny
@@ -103,11 +106,6 @@ def replay_texts(lm, count: int, seed: int = 0, max_new_tokens: int = 32, batch_
 def cached_replay_texts(lm, cache: Path, seed: int = 0, progress: bool = True) -> list[str]:
     """`replay_texts` for ``lm.config`` (``text_replay_size`` texts), made once and kept in ``cache`` as JSON
     (written atomically), keyed by the base LM, the count, the seed and the openings."""
-    import hashlib
-    import json
-
-    from ..fileio import atomic_write_text
-
     count = lm.config.text_replay_size
     key = hashlib.sha256(json.dumps([lm.config.base, count, seed, REPLAY_OPENINGS]).encode()).hexdigest()[:16]
     path = Path(cache) / f"replay-{key}.json"
