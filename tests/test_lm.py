@@ -344,3 +344,29 @@ def test_one_step_lowers_loss_on_fixed_batch(base):
     embed = lm.model.get_input_embeddings()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lm.trainable_named_parameters()
                if "trainable_tokens_delta" in n)
+
+
+def test_labelled_logits_only_gives_the_same_loss_and_gradients(base):
+    _, folder = base
+    lm = SeedLM.build(lm_config(folder))
+    perturb(lm)
+    g = torch.Generator().manual_seed(3)
+    seqs = [lm.caption_sequence(torch.randint(0, CODES, (32,), generator=g), "a red apple on a blue background",
+                                image_first=True, label_image=False),
+            lm.caption_sequence(torch.randint(0, CODES, (32,), generator=g), "a cat", image_first=False),
+            lm.instruction_sequence(torch.arange(32), "what color is the background ?", "blue")]
+    batch = lm.collate(seqs)
+    lm.eval()  # no dropout: both passes see the same network
+    params = [p for _, p in lm.trainable_named_parameters()]
+    losses, grads = [], []
+    for only in (False, True):
+        out = lm(**batch, labelled_logits_only=only)
+        losses.append(out.loss)
+        grads.append(torch.autograd.grad(out.loss, params))
+    assert lm._keeps_logits_by_mask()
+    labelled = int((batch["labels"][:, 1:] != IGNORE).sum())
+    positions = batch["labels"].numel()
+    assert out.logits.shape[0] == labelled < positions / 2  # the output layer ran at the labelled tokens only
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert any(a.abs().sum() > 0 for a in grads[1])

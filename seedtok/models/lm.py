@@ -17,6 +17,7 @@ ids mapped directly), never by tokenizing a string full of image tokens: exact, 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -547,8 +548,25 @@ class SeedLM(nn.Module):
             mask[row, :len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+    def forward(self, input_ids, attention_mask=None, labels=None, labelled_logits_only: bool = False, **kwargs):
+        """The wrapped LM's forward. ``labelled_logits_only`` (training): the same loss (mean next-token cross
+        entropy over the labelled tokens), but the output layer runs only at the positions that predict a
+        labelled token (transformers' boolean ``logits_to_keep``); ``logits`` is then [labelled tokens, vocab].
+        The output layer over the whole vocabulary is a large share of a small model's step, and pad, prompt
+        and unlabelled image positions need none of it."""
+        if not (labelled_logits_only and labels is not None and self._keeps_logits_by_mask()):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        targets = labels[:, 1:]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = targets != IGNORE
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs)
+        out.loss = nn.functional.cross_entropy(out.logits.float(), targets[keep[:, :-1]])
+        return out
+
+    def _keeps_logits_by_mask(self) -> bool:
+        # every transformers causal LM that slices with `slice_logits_to_keep` takes a boolean mask
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
 
     # ------------------------------------------------------------------------------------------ generation
     @torch.inference_mode()

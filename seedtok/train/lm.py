@@ -175,7 +175,8 @@ class LMTask:
         return model.trainable_named_parameters()
 
     def loss(self, model, batch):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    labelled_logits_only=True)
         tokens = int((batch["labels"] != -100).sum())
         return out.loss, {"tokens": tokens}
 
