@@ -41,6 +41,7 @@ test-distributed: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/tokenize_speed.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/lm_speed.py
 
 # Every ability of the bundled tiny models on emoji-world scenes and scikit-image's photos -> $(DEMO_OUT)/index.html
 demo: $(STAMP)

@@ -370,3 +370,19 @@ def test_labelled_logits_only_gives_the_same_loss_and_gradients(base):
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
     assert any(a.abs().sum() > 0 for a in grads[1])
+
+
+def test_generation_without_cache_gives_the_same_tokens(base):
+    """The no-cache baseline (benchmarks/lm_speed.py) recomputes every step and must pick the same tokens,
+    batched with left padding, greedy and sampled."""
+    _, folder = base
+    lm = SeedLM.build(lm_config(folder))
+    perturb(lm)
+    prompts = [lm.draw_prompt("a red apple"), lm.draw_prompt("a cat on a blue background")]
+    assert len(prompts[0]) != len(prompts[1])  # so one row is left-padded
+    for mode, n, kw in (("image", 12, {"temperature": 0.0}), ("image", 12, {"temperature": 1.0, "top_p": 0.9}),
+                        ("text", 10, {"temperature": 1.0, "seed": 5})):
+        cached = lm.generate_ids(prompts, n, mode, **kw)
+        again = lm.generate_ids(prompts, n, mode, use_cache=False, **kw)
+        assert cached == again
+    assert len(set(map(tuple, lm.generate_ids(prompts, 12, "image", temperature=1.0)))) == 2

@@ -309,3 +309,26 @@ def test_quick_run_writes_few_replay_texts(llama, ids_dir, tmp_path):
     (cached,) = (tmp_path / "cache").glob("replay-*.json")
     assert len(json.loads(cached.read_text())) == QUICK_REPLAY
     assert SeedLM.from_pretrained(tmp_path / "run" / "final").config.text_replay_size == QUICK_REPLAY
+
+
+def test_lm_speed_benchmark_compares_against_its_baselines(llama, tmp_path, capsys):
+    """benchmarks/lm_speed.py on a micro LM: both baselines run, and the fast paths give the same results."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import lm_speed
+
+    lm = SeedLM.build(lm_config(llama))
+    perturb(lm)
+    lm.save_pretrained(tmp_path / "lm")
+    report = lm_speed.main(["--model", str(tmp_path / "lm"), "--batches", "1,2", "--rounds", "1",
+                            "--json-out", str(tmp_path / "speed.json")])
+    assert [g["batch"] for g in report["generation"]] == [1, 2]
+    assert all(g["same_tokens"] for g in report["generation"])
+    train = report["training"]
+    assert train["batch"] == 16 and 0 < train["labelled"] < train["positions"]
+    assert abs(train["loss_labelled_only"] - train["loss_full"]) < 1e-4
+    assert json.loads((tmp_path / "speed.json").read_text())["generation"][1]["new_tokens"] == 32
+    table = capsys.readouterr().out
+    assert "no cache (baseline)" in table and "every position (baseline)" in table

@@ -571,12 +571,15 @@ class SeedLM(nn.Module):
     # ------------------------------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, mode: str = "text",
-                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0) -> list[list[int]]:
+                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                     use_cache: bool = True) -> list[list[int]]:
         """Continue each prompt (lists of LM ids), batched with left padding and a KV cache.
 
         ``mode="text"``: image tokens are never emitted; a row stops at end-of-sequence. ``mode="image"``:
         only code tokens are admitted, for exactly ``max_new_tokens`` steps. Row i samples with seed
-        ``seed + i`` (its own generator), so a batch gives what each prompt gives alone with that seed."""
+        ``seed + i`` (its own generator), so a batch gives what each prompt gives alone with that seed.
+        ``use_cache=False`` runs the whole sequence again at every step instead (the baseline of
+        benchmarks/lm_speed.py; same tokens)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ConfigError("every prompt needs at least one token")
         device = self.device
@@ -600,7 +603,7 @@ class SeedLM(nn.Module):
             raise ConfigError(f"unknown generation mode {mode!r}")
         bias = torch.zeros(vocab).masked_fill(~allowed, float("-inf")).to(device)
         generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(batch)]
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=use_cache)
         past, logits = out.past_key_values, out.logits[:, -1]
         last_pos = positions[:, -1]
         done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -620,9 +623,15 @@ class SeedLM(nn.Module):
                 break
             mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
             last_pos = last_pos + 1
-            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                             past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+            if use_cache:
+                out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                                 past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1]
+            else:
+                input_ids = torch.cat([input_ids, token[:, None]], dim=1)
+                positions = torch.cat([positions, last_pos[:, None]], dim=1)
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                logits = out.logits[:, -1]
         return result
 
     def _decode_text(self, ids: list[int]) -> str:
