@@ -224,6 +224,13 @@ def sample_next(logits: torch.Tensor, generators: Sequence[torch.Generator], tem
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
 
 
+def _returned_cache(out):
+    """The KV cache a forward returned, under the name of the installed transformers (``cache`` or
+    ``past_key_values``)."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
 # ------------------------------------------------------------------------------------------ the model
 class SeedLM(nn.Module):
     """A causal LM with image tokens and (optionally) a LoRA adapter.
@@ -563,10 +570,17 @@ class SeedLM(nn.Module):
         out.loss = nn.functional.cross_entropy(out.logits.float(), targets[keep[:, :-1]])
         return out
 
+    def _base_forward_arguments(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return inspect.signature(base.forward).parameters
+
     def _keeps_logits_by_mask(self) -> bool:
         # every transformers causal LM that slices with `slice_logits_to_keep` takes a boolean mask
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return "logits_to_keep" in self._base_forward_arguments()
+
+    def _cache_argument(self) -> str:
+        # transformers 5.x renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40)
+        return "cache" if "cache" in self._base_forward_arguments() else "past_key_values"
 
     # ------------------------------------------------------------------------------------------ generation
     @torch.inference_mode()
@@ -603,8 +617,9 @@ class SeedLM(nn.Module):
             raise ConfigError(f"unknown generation mode {mode!r}")
         bias = torch.zeros(vocab).masked_fill(~allowed, float("-inf")).to(device)
         generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(batch)]
+        cache_arg = self._cache_argument()
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=use_cache)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        past, logits = _returned_cache(out), out.logits[:, -1]
         last_pos = positions[:, -1]
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         result: list[list[int]] = [[] for _ in range(batch)]
@@ -625,8 +640,8 @@ class SeedLM(nn.Module):
             last_pos = last_pos + 1
             if use_cache:
                 out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                                 past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1]
+                                 use_cache=True, **{cache_arg: past})
+                past, logits = _returned_cache(out), out.logits[:, -1]
             else:
                 input_ids = torch.cat([input_ids, token[:, None]], dim=1)
                 positions = torch.cat([positions, last_pos[:, None]], dim=1)
