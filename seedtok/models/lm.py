@@ -618,7 +618,9 @@ class SeedLM(nn.Module):
         bias = torch.zeros(vocab).masked_fill(~allowed, float("-inf")).to(device)
         generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(batch)]
         cache_arg = self._cache_argument()
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=use_cache)
+        last = {"logits_to_keep": 1} if self._keeps_logits_by_mask() else {}  # the next token's logits only
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=use_cache,
+                         **last)
         past, logits = _returned_cache(out), out.logits[:, -1]
         last_pos = positions[:, -1]
         done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -640,12 +642,13 @@ class SeedLM(nn.Module):
             last_pos = last_pos + 1
             if use_cache:
                 out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                                 use_cache=True, **{cache_arg: past})
+                                 use_cache=True, **{cache_arg: past}, **last)
                 past, logits = _returned_cache(out), out.logits[:, -1]
             else:
                 input_ids = torch.cat([input_ids, token[:, None]], dim=1)
                 positions = torch.cat([positions, last_pos[:, None]], dim=1)
-                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                                 **last)
                 logits = out.logits[:, -1]
         return result
 
