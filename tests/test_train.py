@@ -345,3 +345,16 @@ def test_auto_mixed_precision_uses_bf16_only_where_the_cpu_computes_in_it(tmp_pa
     from seedtok.train.recipes import decoder_recipe
 
     assert decoder_recipe("tiny").mixed_precision == "auto"
+
+
+def test_one_process_can_train_again_with_another_precision(tmp_path):
+    # accelerate refuses a second Accelerator with another mixed precision in the same process; a bf16 run
+    # (what "auto" picks on a CPU with bf16 units) followed by an fp32 one must both train.
+    from accelerate.state import AcceleratorState
+
+    for name, mixed in (("bf16", "bf16"), ("fp32", "no")):
+        run = tmp_path / f"{name}.json"
+        run.write_text(json.dumps({"model": "micro", "train": {"1": {"steps": 2, "mixed_precision": mixed}}}))
+        result = train_tokenizer(str(run), 1, out=tmp_path / name, progress=False)
+        assert result.steps == 2
+        assert AcceleratorState().mixed_precision == mixed

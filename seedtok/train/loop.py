@@ -233,6 +233,20 @@ class TrainResult:
         return f"trained {self.steps} steps in {self.seconds / 60:.1f} min, final loss {self.final_loss:.4f}"
 
 
+def _forget_other_precision(mixed: str) -> None:
+    """Let one process train twice with different precisions (a notebook, a test session).
+
+    accelerate keeps one process-wide ``AcceleratorState`` and refuses a second ``Accelerator`` with another
+    ``mixed_precision``; in a single process nothing else holds that state, so it is cleared. Launched
+    multi-process runs (``WORLD_SIZE`` > 1) keep it: there the launcher set it up and one run owns the process.
+    """
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held is not None and held != mixed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state()
+
+
 def auto_mixed_precision() -> str:
     """"bf16" where the hardware computes in it natively (a CUDA GPU that supports it; a CPU with AMX or
     AVX512-BF16), else "no". Why the CPU check: autocast to bf16 on a CPU without those units is emulated, and a
@@ -269,6 +283,7 @@ class Trainer:
         mixed = cfg.mixed_precision
         if mixed == "auto":
             mixed = auto_mixed_precision()
+        _forget_other_precision(mixed)
         self.accelerator = acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
         self.world_size, self.rank = acc.num_processes, acc.process_index
         torch.manual_seed(cfg.seed)  # dropout draws from the global RNG: start every run from the same state
