@@ -101,6 +101,13 @@ def add_lm_commands(sub, stages, evals) -> None:
     q.add_argument("--out", required=True, type=Path)
     q.add_argument("--dtype", default="fp16", choices=["fp32", "bf16", "fp16"], help="storage dtype")
     q.set_defaults(func=_export)
+    q = tools.add_parser("average", help="weight-space average of two LM checkpoints from the same start")
+    q.add_argument("first", metavar="MODEL")
+    q.add_argument("second", metavar="OTHER")
+    q.add_argument("--weight", type=float, default=0.5, help="the share of OTHER (0: MODEL, 1: OTHER)")
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="storage dtype (default: MODEL's)")
+    q.set_defaults(func=_average)
 
 
 # ------------------------------------------------------------------------------------------------ handlers
@@ -282,6 +289,14 @@ def _merge(args) -> int:
 
     out = SeedLM.from_pretrained(args.model).save_merged(args.out)
     print(f"saved {out}")
+    return 0
+
+
+def _average(args) -> int:
+    from .train.lm import average_lms
+
+    out = average_lms(args.first, args.second, args.weight).save_pretrained(args.out, dtype=args.dtype)
+    print(f"saved {out} ({1 - args.weight:g} x {args.first} + {args.weight:g} x {args.second})")
     return 0
 
 

@@ -391,3 +391,28 @@ def test_generation_without_cache_gives_the_same_tokens(base):
         again = lm.generate_ids(prompts, n, mode, use_cache=False, **kw)
         assert cached == again
     assert len(set(map(tuple, lm.generate_ids(prompts, 12, "image", temperature=1.0)))) == 2
+
+
+def test_lm_average_is_the_weighted_mean_of_two_checkpoints(base, tmp_path, capsys):
+    from seedtok.cli import main
+
+    _, folder = base
+    first, second = SeedLM.build(lm_config(folder)), SeedLM.build(lm_config(folder))
+    perturb(first)
+    perturb(second, seed=2)
+    first.save_pretrained(tmp_path / "a")
+    second.save_pretrained(tmp_path / "b")
+    assert main(["lm", "average", str(tmp_path / "a"), str(tmp_path / "b"), "--weight", "0.25",
+                 "--out", str(tmp_path / "soup")]) == 0
+    soup = SeedLM.from_pretrained(tmp_path / "soup").stored_state_dict()
+    a, b = first.stored_state_dict(), second.stored_state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    for key in a:
+        torch.testing.assert_close(soup[key], 0.75 * a[key] + 0.25 * b[key])
+    other = SeedLM.build(lm_config(folder, lora_r=2))
+    other.save_pretrained(tmp_path / "c")
+    capsys.readouterr()
+    assert main(["lm", "average", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "lora_r 4 != 2" in err
+    assert not (tmp_path / "bad").exists()

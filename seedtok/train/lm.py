@@ -231,6 +231,26 @@ def warm_start(init: str | Path, config: LMConfig):
     return lm
 
 
+def average_lms(first: str | Path, second: str | Path, weight: float = 0.5):
+    """The LM whose trained weights are ``(1 - weight) * first + weight * second``, a weight-space average of two
+    runs from the same start (a "model soup", Wortsman et al. 2022), e.g. to trade a run's gains against the
+    language a previous one kept. The two must share the layout (`_LAYOUT_FIELDS`); the result takes the first's
+    config. Averaged in fp32, stored in the first's dtype."""
+    from ..models.lm import SeedLM
+
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"--weight must be in [0, 1], got {weight}")
+    lm, other = SeedLM.from_pretrained(first), SeedLM.from_pretrained(second)
+    differ = [f"{f} {getattr(lm.config, f)!r} != {getattr(other.config, f)!r}" for f in _LAYOUT_FIELDS
+              if getattr(lm.config, f) != getattr(other.config, f)]
+    if differ:
+        raise ConfigError(f"{second} does not match {first}: {'; '.join(differ)}")
+    theirs = other.stored_state_dict()
+    lm.load_state_dict_checked({k: torch.lerp(v.float(), theirs[k].float(), weight)
+                                for k, v in lm.stored_state_dict().items()})
+    return lm
+
+
 def train_lm(config: str | tuple[LMConfig, TrainConfig], data: str | Path | None = None, out: str | Path | None = None,
              quick: bool = False, resume: bool = False, steps: int | None = None, progress: bool = True,
              lm=None, init: str | Path | None = None) -> TrainResult:
