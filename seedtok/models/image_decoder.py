@@ -568,7 +568,7 @@ TINY_DECODERS = {
                                       target="centred", condition="generation", coarse_prototypes=1142,
                                       coarse_hidden=384, coarse_temperature=0.25,
                                       coarse_prototype_init="emoji", coarse_prototype_ce=3.0,
-                                      coarse_background_colours=16, coarse_background_ce=1.0, strength=0.3,
+                                      coarse_background_colours=16, coarse_background_ce=1.0, strength=0.1,
                                       unet_condition="target", coarse_augment=0.1),
     "micro": lambda: TinyDecoderConfig(embed_dim=48, image_size=16, block_out_channels=(16, 32),
                                        norm_num_groups=8, attention=True, attention_head_dim=8,
