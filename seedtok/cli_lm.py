@@ -87,6 +87,10 @@ def add_lm_commands(sub, stages, evals) -> None:
     q.add_argument("--limit", type=_positive_int, default=None, help="only the first N scenes")
     q.add_argument("--batch-size", type=_positive_int, default=8)
     q.add_argument("--no-t2i", action="store_true", help="skip drawing (text-to-image metrics)")
+    q.add_argument("--draw-temperature", type=float, default=None, help="drawing's temperature (0 = greedy; "
+                   "default: the model's, SPEC 1.0)")
+    q.add_argument("--draw-top-p", type=float, default=None, help="drawing's top-p (default: the model's, SPEC 0.5)")
+    q.add_argument("--draw-top-k", type=int, default=None, help="drawing's top-k (default: the model's)")
     q.add_argument("--json", type=Path, default=None, help="write the results here")
     q.set_defaults(func=_eval_lm)
 
@@ -272,9 +276,12 @@ def _eval_lm(args) -> int:
 
     data = open_source(args.data)
     lm = _load_lm(argparse.Namespace(model=args.model, tokenizer=args.tokenizer))
-    result = evaluate_lm(lm, data, n=args.limit, batch_size=args.batch_size, t2i=not args.no_t2i)
+    sampling = {key: value for key, value in (("temperature", args.draw_temperature), ("top_p", args.draw_top_p),
+                                              ("top_k", args.draw_top_k)) if value is not None}
+    result = evaluate_lm(lm, data, n=args.limit, batch_size=args.batch_size, t2i=not args.no_t2i,
+                         draw_sampling=sampling)
     for key, value in result.items():
-        if key != "examples":
+        if key not in ("examples", "draw_sampling"):
             print(f"{key:<22}{value if value is None or isinstance(value, int) else f'{value:.2f}'}")
     if args.json:
         from .fileio import atomic_write_text

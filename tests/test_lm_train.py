@@ -202,6 +202,38 @@ def test_evaluate_lm_metrics_and_language_kept(llama):
     assert result["text_ppl_tuned"] == pytest.approx(result["text_ppl_base"], rel=1e-5)
     # distinct scenes: the caption's loss depends on which ids precede it
     assert np.isfinite(result["caption_nll_own"]) and result["caption_nll_own"] != result["caption_nll_other"]
+    assert np.isfinite(result["draw_nll_own"]) and result["draw_nll_own"] != result["draw_nll_other"]
+
+
+def test_evaluate_lm_draws_every_caption_with_the_sampling_asked_for(llama, monkeypatch):
+    from types import SimpleNamespace
+
+    from seedtok.evaluate.lm import evaluate_lm
+
+    lm = SeedLM.build(lm_config(llama))
+    perturb(lm)
+    tok = lm.image_tokenizer
+    monkeypatch.setattr(tok, "decode", lambda ids: [row for row in ids], raising=False)  # "pictures" = the ids
+    seen = {}
+
+    class Scorer:
+        def score(self, pictures, metas):
+            seen.update(pictures=pictures, metas=metas)
+            return SimpleNamespace(identity_top1=1.0, identity_top5=2.0, background_acc=3.0)
+
+    samples = open_source("emoji:test:3")
+    result = evaluate_lm(lm, samples, batch_size=2, progress=False, scorer=Scorer(),
+                         draw_sampling={"temperature": 0.0})
+    greedy = lm.draw([samples[i].caption for i in range(3)], temperature=0.0)
+    assert torch.equal(torch.stack(seen["pictures"]), greedy)
+    assert [m["emoji"] for m in seen["metas"]] == [samples[i].meta["emoji"] for i in range(3)]
+    assert (result["t2i_identity_top1"], result["t2i_identity_top5"], result["t2i_background_acc"]) == (1.0, 2.0, 3.0)
+    assert result["draw_sampling"] == {"temperature": 0.0, "top_p": lm.config.top_p, "top_k": lm.config.top_k}
+    # the default is the model's sampling (SPEC: temperature 1.0, top-p 0.5), seeded per batch
+    sampled = evaluate_lm(lm, samples, batch_size=2, progress=False, scorer=Scorer())
+    assert sampled["draw_sampling"]["temperature"] == lm.config.temperature
+    expected = torch.cat([lm.draw([samples[0].caption, samples[1].caption], seed=0), lm.draw([samples[2].caption], seed=2)])
+    assert torch.equal(torch.stack(seen["pictures"]), expected)
 
 
 def test_caption_nll_is_the_mean_loss_of_the_caption_tokens_after_the_image(llama):
@@ -221,6 +253,28 @@ def test_caption_nll_is_the_mean_loss_of_the_caption_tokens_after_the_image(llam
     # the same ids for every scene: shuffling them changes nothing
     same = ids[:1].expand(3, -1)
     assert caption_nll(lm, same, captions) == pytest.approx(caption_nll(lm, same.roll(1, dims=0), captions))
+
+
+def test_drawing_nll_is_the_mean_loss_of_the_codes_over_the_code_tokens_after_the_caption(llama):
+    from seedtok.evaluate.lm import drawing_nll
+
+    lm = SeedLM.build(lm_config(llama))
+    perturb(lm)  # trained-looking new rows: the code tokens' scores differ
+    ids = torch.randint(0, 64, (3, 32), generator=torch.Generator().manual_seed(0))
+    captions = ["a red cat on a blue background", "a dog on a green background", "a star on a pink background"]
+    codes = lm.image_token_ids()
+    with torch.inference_mode():
+        total = 0.0
+        for i in range(3):
+            prompt = lm.draw_prompt(captions[i])  # caption, then <img>: what drawing conditions on
+            seq = torch.tensor([prompt + (ids[i] + lm.image_offset).tolist()])
+            logits = lm(input_ids=seq).logits[0, len(prompt) - 1:-1][:, codes]
+            total += torch.nn.functional.cross_entropy(logits.float(), ids[i], reduction="sum").item()
+    assert drawing_nll(lm, ids, captions, batch_size=2) == pytest.approx(total / 96, rel=1e-5)
+    # the drawing depends on the caption: other captions, other loss; one caption for all: order is moot
+    assert drawing_nll(lm, ids.roll(1, dims=0), captions) != pytest.approx(total / 96, rel=1e-3)
+    same = ["a red cat on a blue background"] * 3
+    assert drawing_nll(lm, ids.roll(1, dims=0), same) == pytest.approx(drawing_nll(lm, ids, same), rel=1e-5)
 
 
 def test_row_init_options_start_training_from_the_captions(llama, ids_dir):

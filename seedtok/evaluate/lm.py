@@ -11,6 +11,10 @@ Metrics (`evaluate_lm`):
 - ``caption_nll_own`` / ``caption_nll_other``: the reference caption's loss (nats per token, image first) after
   the scene's own ids and after the next scene's: how much the LM's captions depend on the image it sees
   (equal when it ignores the image).
+- ``draw_nll_own`` / ``draw_nll_other``: the scene's own 32 codes' loss (nats per code, the LM's scores over
+  the code tokens only, as constrained drawing sees them) after its reference caption and after another
+  scene's caption: a teacher-forced measure of drawing that counts every code (log 1024 = 6.93 for a uniform guess
+  over the tiny codebook; equal when the drawing ignores the text).
 - ``text_ppl_base`` / ``text_ppl_tuned``: perplexity of a small fixed held-out plain-text set with the adapter
   off and on: the tuned LM should keep its language.
 """
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from ..data.questions import KINDS, emoji_question
+from ..models.lm import IGNORE
 
 # Held-out plain English (written for this project; not emoji captions), for text perplexity.
 HELD_OUT_TEXT = (
@@ -121,9 +126,35 @@ def caption_nll(lm, ids: torch.Tensor, captions: Sequence[str], batch_size: int 
     return total / max(1, count)
 
 
+@torch.inference_mode()
+def drawing_nll(lm, ids: torch.Tensor, captions: Sequence[str], batch_size: int = 8) -> float:
+    """Mean loss (nats per code) of each row of ``ids`` drawn after its caption (``draw_prompt``: the caption,
+    then ``<img>``), with the LM's scores restricted to the code tokens, as constrained drawing samples them."""
+    codes = lm.image_token_ids().to(lm.device)
+    total, count = 0.0, 0
+    for start in range(0, len(captions), batch_size):
+        rows = range(start, min(len(captions), start + batch_size))
+        sequences = []
+        for i in rows:
+            prompt = lm.draw_prompt(captions[i])
+            image = [lm.image_offset + c for c in lm.check_image_ids(ids[i])]
+            sequences.append((prompt + image, [IGNORE] * len(prompt) + image))
+        batch = lm.collate(sequences, max_length=10_000)
+        logits = lm(input_ids=batch["input_ids"].to(lm.device),
+                    attention_mask=batch["attention_mask"].to(lm.device)).logits[:, :-1]
+        target = batch["labels"][:, 1:].to(lm.device)
+        keep = target != IGNORE
+        scores = logits[keep][:, codes].float()
+        nll = torch.nn.functional.cross_entropy(scores, target[keep] - lm.image_offset, reduction="sum")
+        total, count = total + nll.item(), count + int(keep.sum())
+    return total / max(1, count)
+
+
 def evaluate_lm(lm, samples: Sequence, n: int | None = None, batch_size: int = 8, t2i: bool = True,
-                seed: int = 0, progress: bool = True, scorer=None) -> dict:
-    """Score a SeedLM on emoji-world samples (``Sample``s with meta "emoji", "background", "emoji_index")."""
+                seed: int = 0, progress: bool = True, scorer=None, draw_sampling: dict | None = None) -> dict:
+    """Score a SeedLM on emoji-world samples (``Sample``s with meta "emoji", "background", "emoji_index").
+    ``draw_sampling``: ``temperature`` / ``top_p`` / ``top_k`` for the drawings (default: the LM config's,
+    SPEC §3); the result records what was used."""
     from tqdm import tqdm
 
     n = min(len(samples), n or len(samples))
@@ -152,6 +183,8 @@ def evaluate_lm(lm, samples: Sequence, n: int | None = None, batch_size: int = 8
         "vqa_acc": 100.0 * float(np.mean([_normalize_answer(g) == _normalize_answer(a) for g, a in answers]))
         if answers else None,
         "t2i_identity_top1": None, "t2i_identity_top5": None, "t2i_background_acc": None,
+        "draw_sampling": {"temperature": lm.config.temperature, "top_p": lm.config.top_p, "top_k": lm.config.top_k,
+                          **(draw_sampling or {})},
         "examples": [{"caption": c, "reference": s.caption} for c, s in zip(captions[:5], items)],
     }
     if t2i:
@@ -163,7 +196,7 @@ def evaluate_lm(lm, samples: Sequence, n: int | None = None, batch_size: int = 8
             drawn = []
             for start in (tqdm(starts, desc="draw", unit="batch") if progress else starts):
                 prompts = [s.caption for s in items[start:start + batch_size]]
-                drawn.append(lm.draw(prompts, seed=seed + start))
+                drawn.append(lm.draw(prompts, seed=seed + start, **(draw_sampling or {})))
             try:
                 pictures = tok.decode(torch.cat(drawn))
             except Exception as exc:  # noqa: BLE001 - a missing/untrained decoder must not lose the other metrics
@@ -180,6 +213,8 @@ def evaluate_lm(lm, samples: Sequence, n: int | None = None, batch_size: int = 8
     references = [s.caption for s in items]
     result["caption_nll_own"] = caption_nll(lm, ids, references, batch_size)
     result["caption_nll_other"] = caption_nll(lm, ids.roll(1, dims=0), references, batch_size)
+    result["draw_nll_own"] = drawing_nll(lm, ids, references, batch_size)
+    result["draw_nll_other"] = drawing_nll(lm, ids.roll(1, dims=0), references, batch_size)
     result["text_ppl_base"] = lm.perplexity(HELD_OUT_TEXT, base=True)
     result["text_ppl_tuned"] = lm.perplexity(HELD_OUT_TEXT)
     return result
