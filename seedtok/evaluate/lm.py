@@ -157,6 +157,7 @@ def evaluate_lm(lm, samples: Sequence, n: int | None = None, batch_size: int = 8
     SPEC §3); the result records what was used."""
     from tqdm import tqdm
 
+    draw_sampling = dict(draw_sampling or {})
     n = min(len(samples), n or len(samples))
     items = [samples[i] for i in range(n)]
     images = [s.image for s in items]
@@ -184,7 +185,7 @@ def evaluate_lm(lm, samples: Sequence, n: int | None = None, batch_size: int = 8
         if answers else None,
         "t2i_identity_top1": None, "t2i_identity_top5": None, "t2i_background_acc": None,
         "draw_sampling": {"temperature": lm.config.temperature, "top_p": lm.config.top_p, "top_k": lm.config.top_k,
-                          **(draw_sampling or {})},
+                          **draw_sampling},
         "examples": [{"caption": c, "reference": s.caption} for c, s in zip(captions[:5], items)],
     }
     if t2i:
@@ -196,7 +197,7 @@ def evaluate_lm(lm, samples: Sequence, n: int | None = None, batch_size: int = 8
             drawn = []
             for start in (tqdm(starts, desc="draw", unit="batch") if progress else starts):
                 prompts = [s.caption for s in items[start:start + batch_size]]
-                drawn.append(lm.draw(prompts, seed=seed + start, **(draw_sampling or {})))
+                drawn.append(lm.draw(prompts, seed=seed + start, **draw_sampling))
             try:
                 pictures = tok.decode(torch.cat(drawn))
             except Exception as exc:  # noqa: BLE001 - a missing/untrained decoder must not lose the other metrics
