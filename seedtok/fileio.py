@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 
+def cache_dir() -> Path:
+    """Where derived files are kept between runs (converted base LMs, caption features): $SEEDTOK_CACHE, else
+    ~/.cache/seedtok."""
+    return Path(os.environ.get("SEEDTOK_CACHE") or Path.home() / ".cache" / "seedtok")
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> None:
     """``write(tmp_path)`` produces the file; it then replaces ``target`` in one rename."""
     target = Path(target)

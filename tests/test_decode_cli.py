@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 
 from seedtok import SeedTokenizer  # noqa: E402
 from seedtok.cli import main  # noqa: E402
-from seedtok.errors import CheckpointError, IdsError  # noqa: E402
+from seedtok.errors import CheckpointError, ConfigError, IdsError  # noqa: E402
 from seedtok.models.image_decoder import TinyDecoder  # noqa: E402
 
 
@@ -230,3 +230,62 @@ def test_strength_is_a_tiny_decoder_option(folder, tmp_path, capsys):
                  "--strength", "0"]) == 2
     err = capsys.readouterr().err  # (after the decoder's loading bar)
     assert "Traceback" not in err and err.splitlines()[-1] == "seedtok: error: strength must lie in (0, 1], got 0.0"
+
+
+# ------------------------------------------------------------------------------------------- text prior
+CLASS_CAPTIONS = [["a red apple"], ["a blue cat", "a cat on a blue background"], ["a star"], ["a dog", "dogs"],
+                  ["a green tree"], ["a yellow sun", "the sun"]]  # one class per micro prototype
+
+
+def test_caption_scores_are_each_classes_best_cosine(tmp_path, monkeypatch, micro):
+    monkeypatch.setenv("SEEDTOK_CACHE", str(tmp_path))
+    ids = ids_for(3)
+    scores = micro.caption_scores(ids, CLASS_CAPTIONS)
+    flat = [c for group in CLASS_CAPTIONS for c in group]
+    text = torch.nn.functional.normalize(micro.caption_features(flat), dim=-1)
+    with torch.no_grad():
+        image = micro.qformer.image_features(micro.detokenizer.reconstruct(micro.codes(ids)))
+    cos = torch.nn.functional.normalize(image, dim=-1) @ text.T
+    expected = torch.stack([cos[:, 0], cos[:, 1:3].max(1).values, cos[:, 3], cos[:, 4:6].max(1).values,
+                            cos[:, 6], cos[:, 7:9].max(1).values], dim=1)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert scores.std(0).max() > 1e-4  # other ids, other scores
+    # the caption features are cached on disk: a fresh tokenizer does not recompute them
+    fresh = SeedTokenizer.from_pretrained("micro")
+    monkeypatch.setattr(type(fresh), "caption_features", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    torch.testing.assert_close(fresh.caption_scores(ids, CLASS_CAPTIONS), scores)
+    # ... keyed by the weights: a changed text branch recomputes
+    monkeypatch.undo()
+    monkeypatch.setenv("SEEDTOK_CACHE", str(tmp_path))
+    assert torch.equal(fresh.cached_caption_features(flat), micro.cached_caption_features(flat))
+    with torch.no_grad():
+        next(fresh.qformer.parameters()).add_(1.0)
+    assert len(list((tmp_path / "caption-features").glob("*.safetensors"))) == 1
+    fresh.cached_caption_features(flat)
+    assert len(list((tmp_path / "caption-features").glob("*.safetensors"))) == 2
+    with pytest.raises(ConfigError, match="needs the de-tokenizer's reconstruction branch"):
+        SeedTokenizer.from_pretrained("micro-seed1").caption_scores(ids, CLASS_CAPTIONS)
+
+
+def test_decode_hands_a_text_prior_decoder_the_ids_caption_scores(tmp_path, monkeypatch, micro):
+    import dataclasses
+
+    from seedtok.models import image_decoder
+    from seedtok.models.image_decoder import tiny_decoder_config
+
+    monkeypatch.setenv("SEEDTOK_CACHE", str(tmp_path))
+    monkeypatch.setitem(image_decoder.TEXT_PRIORS, "test", lambda: CLASS_CAPTIONS)
+    cfg = dataclasses.replace(tiny_decoder_config("micro"), text_prior="test", text_prior_temperature=0.01,
+                              text_prior_weight=3.0)
+    tok = SeedTokenizer.from_pretrained("micro").set_image_decoder(TinyDecoder.random(cfg))
+    ids = ids_for(3)
+    got = tok.decode(ids, output_type="np")
+    scores = tok.caption_scores(ids, CLASS_CAPTIONS)
+    direct = tok.image_decoder().decode(tok.decode_embeddings(ids), seed=0, class_scores=scores, output_type="np")
+    np.testing.assert_allclose(got, direct, atol=1e-6)
+    without = tok.image_decoder().decode(tok.decode_embeddings(ids), seed=0, output_type="np")
+    assert np.abs(got - without).max() > 1e-3
+    # a decoder without a prior never asks for caption scores
+    plain = SeedTokenizer.from_pretrained("micro").set_image_decoder(TinyDecoder.random("micro"))
+    monkeypatch.setattr(SeedTokenizer, "caption_scores", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    np.testing.assert_allclose(plain.decode(ids, output_type="np"), without, atol=1e-6)

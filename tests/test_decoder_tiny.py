@@ -775,3 +775,52 @@ def test_generation_condition_learns_from_the_tokenizers_code_embeddings(tmp_pat
     (tmp_path / "bad.json").write_text(json.dumps({"model": "micro", "decoder": {"condition": "codes"}}))
     with pytest.raises(ConfigError, match="condition"):
         train_decoder(str(tmp_path / "bad.json"), out=tmp_path / "bad", progress=False)
+
+
+def test_text_prior_adds_weighted_caption_log_probs_to_the_prototype_choice(tmp_path):
+    """``text_prior``: the head's log-probabilities + weight x log-softmax(class_scores / temperature)."""
+    cfg = dataclasses.replace(REGRESSED_BACKGROUND, coarse_temperature=0.5, text_prior="emoji-world",
+                              text_prior_weight=2.0, text_prior_temperature=0.1)
+    dec = TinyDecoder.random(cfg)
+    head, pipe = dec.pipeline.coarse, dec.pipeline
+    k = head.config.prototypes
+    emb = embeds(3)
+    scores = torch.rand(3, k, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        out = head.net((emb - head.input_mean) / head.input_std)
+        logits = out[:, :k].log_softmax(-1) + 2.0 * (scores / 0.1).log_softmax(-1)
+        mix = torch.einsum("bk,kchw->bchw", (logits / 0.5).softmax(-1), head.prototype_images)
+        alpha = mix[:, 3:].sigmoid()
+        expected = alpha * mix[:, :3] + (1 - alpha) * torch.tanh(out[:, k:])[:, :, None, None]
+        torch.testing.assert_close(pipe.coarse_latents(emb, 8, 8, scores), pipe.upsample_coarse(expected, 8, 8))
+        plain = pipe.coarse_latents(emb, 8, 8)
+        assert (pipe.coarse_latents(emb, 8, 8, scores) - plain).abs().max() > 1e-3
+        # equal scores say nothing: the head's own choice
+        torch.testing.assert_close(pipe.coarse_latents(emb, 8, 8, torch.zeros(3, k)), plain)
+        with pytest.raises(DecodeInputError, match=f"class_scores must be \\[3, {k}\\]"):
+            pipe.coarse_latents(emb, 8, 8, scores[:, :2])
+    # through decode, per image and batch-independent; weight 0 turns it off; the settings are saved
+    a = dec.decode(emb, seed=0, class_scores=scores, output_type="np")
+    np.testing.assert_allclose(dec.decode(emb, seed=0, class_scores=scores, batch_size=1, output_type="np"), a,
+                               atol=1e-5)
+    assert np.abs(a - dec.decode(emb, seed=0, output_type="np")).max() > 1e-3
+    dec.save_pretrained(tmp_path / "dec")
+    loaded = TinyDecoder.from_pretrained(tmp_path / "dec")
+    assert (loaded.pipeline.config.text_prior, loaded.pipeline.config.text_prior_weight,
+            loaded.pipeline.config.text_prior_temperature) == ("emoji-world", 2.0, 0.1)
+    loaded.pipeline.register_to_config(text_prior_weight=0.0)
+    assert loaded.prior_captions is None
+    np.testing.assert_allclose(loaded.decode(emb, seed=0, class_scores=scores, output_type="np"),
+                               dec.decode(emb, seed=0, output_type="np"), atol=1e-5)
+    with pytest.raises(ConfigError, match="unknown text_prior 'words'"):
+        TinyDecoder.random(dataclasses.replace(cfg, text_prior="words"))
+
+
+def test_tiny_decoder_text_prior_names_one_class_per_prototype():
+    from seedtok.data.emoji import PALETTE, caption_for, pool
+    from seedtok.models.image_decoder import TEXT_PRIORS
+
+    cfg = tiny_decoder_config("tiny")
+    captions = TEXT_PRIORS[cfg.text_prior]()
+    assert len(captions) == cfg.coarse_prototypes == len(pool())  # prototype k is emoji k ("emoji" init)
+    assert captions[5] == tuple(caption_for(pool()[5].name, c) for c in PALETTE)

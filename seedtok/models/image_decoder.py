@@ -35,7 +35,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -263,9 +263,11 @@ class ImageDecoder:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             gens = generators[start:stop] if isinstance(generators, list) else generators
+            rows = {k: v[start:stop] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v
+                    for k, v in kwargs.items()}  # per-image options (class_scores) go with their chunk
             out.append(self._run(emb[start:stop], None if negative is None else negative[start:stop],
                                  latents[start:stop], gens, guidance, steps, height, width,
-                                 "pil" if output_type == "pil" else "pt", **kwargs))
+                                 "pil" if output_type == "pil" else "pt", **rows))
         if output_type == "pil":
             return [image for part in out for image in part]
         images = torch.cat(out).float()
@@ -558,6 +560,18 @@ class TinyDecoderConfig:
     # decoding (with a coarse head): 1 samples from pure noise; s < 1 starts from the coarse image noised to the
     # level of the last s share of the steps and runs only those (SDEdit; `TinyDecoderPipeline.__call__`)
     strength: float = 1.0
+    # decoding (a named deviation, tiny; with prototypes): ``text_prior`` names the captions of each prototype's
+    # class (`TEXT_PRIORS`; "" = none), and the coarse head's log-probabilities get ``text_prior_weight`` x
+    # log-softmax(cosine / ``text_prior_temperature``) added, where cosine is the best match between the ids'
+    # contrastive feature (the tokenizer's reconstruction branch) and the class's captions' text features
+    # (`SeedTokenizer.caption_scores`). The ids alone decide both; no training. Why: the head learns 1,142
+    # classes from ~21 scenes each, while the tokenizer's image-text alignment reads the name from the
+    # frozen text tower's view of it; on the 1,000 validation scenes the head's logits pick the right emoji
+    # for 65.6%, the captions alone for 54.6%, both (weight 1, temperature 0.02) for 71.3%
+    # (runs/exp20/tune.py, not shipped; 0.01-0.05 and weights 0.5-2 gave 67.8-71.5%)
+    text_prior: str = ""
+    text_prior_weight: float = 1.0
+    text_prior_temperature: float = 0.02
     seed: int = 0  # random init
 
 
@@ -569,7 +583,7 @@ TINY_DECODERS = {
                                       coarse_hidden=384, coarse_temperature=0.25,
                                       coarse_prototype_init="emoji", coarse_prototype_ce=3.0,
                                       coarse_background_colours=16, coarse_background_ce=1.0, strength=0.1,
-                                      unet_condition="target", coarse_augment=0.1),
+                                      unet_condition="target", coarse_augment=0.1, text_prior="emoji-world"),
     "micro": lambda: TinyDecoderConfig(embed_dim=48, image_size=16, block_out_channels=(16, 32),
                                        norm_num_groups=8, attention=True, attention_head_dim=8,
                                        num_inference_steps=3, coarse_size=8, coarse_hidden=32, unet_batch=3,
@@ -577,6 +591,18 @@ TINY_DECODERS = {
                                        coarse_temperature=0.5, coarse_prototype_ce=1.0, coarse_background_colours=4,
                                        coarse_background_ce=1.0),
 }
+
+
+@functools.lru_cache(maxsize=1)
+def _emoji_world_captions() -> tuple[tuple[str, ...], ...]:
+    from ..data.emoji import PALETTE, caption_for, pool
+
+    return tuple(tuple(caption_for(emoji.name, colour) for colour in PALETTE) for emoji in pool())
+
+
+#: ``TinyDecoderConfig.text_prior`` -> the captions of each prototype class, in prototype order ("emoji-world":
+#: prototype k is emoji k of the pool, described on every background colour, as the "emoji" init lays out)
+TEXT_PRIORS: dict[str, Callable[[], Sequence[Sequence[str]]]] = {"emoji-world": _emoji_world_captions}
 
 
 #: what the UNet's coarse input shows in training (``TinyDecoderConfig.unet_condition``)
@@ -753,16 +779,21 @@ def _coarse_head_class():
             borders = self.image_borders(images)
             return torch.cdist(borders, borders[pick]).argmin(1)
 
-        def forward(self, embeds: torch.Tensor, temperature: float = 1.0, return_parts: bool = False):
+        def forward(self, embeds: torch.Tensor, temperature: float = 1.0, return_parts: bool = False,
+                    log_prior: torch.Tensor | None = None):
             """``temperature``: the prototype softmax's (decoding may sharpen it; no effect without
-            prototypes). ``return_parts`` (prototypes only, training): (image, the K logits, the background
+            prototypes). ``log_prior`` [B, K] (decoding): added to the prototypes' log-probabilities before
+            that softmax. ``return_parts`` (prototypes only, training): (image, the K logits, the background
             colour [B, 3] in [-1, 1], the C background logits or None)."""
             size, k = self.config.size, self.config.prototypes
             x = (embeds - self.input_mean.to(embeds.dtype)) / self.input_std.to(embeds.dtype)
             out = self.net(x)
             if not k:
                 return out.view(-1, 3, size, size)
-            weights = (out[:, :k] / temperature).softmax(-1)
+            logits = out[:, :k]
+            if log_prior is not None:
+                logits = logits.log_softmax(-1) + log_prior.to(logits.dtype)
+            weights = (logits / temperature).softmax(-1)
             mix = torch.einsum("bk,kchw->bchw", weights, self.prototype_images.to(out.dtype))
             alpha = mix[:, 3:].sigmoid()
             background_logits = None
@@ -811,8 +842,11 @@ def _tiny_pipeline_class():
 
         def __init__(self, unet, scheduler, coarse=None, guidance_scale: float = 2.0, num_inference_steps: int = 20,
                      cond_dropout: float = 0.1, patch_size: int = 1, coarse_temperature: float = 1.0,
-                     strength: float = 1.0, unet_condition: str = "head"):
+                     strength: float = 1.0, unet_condition: str = "head", text_prior: str = "",
+                     text_prior_weight: float = 1.0, text_prior_temperature: float = 0.02):
             super().__init__()
+            if text_prior and text_prior not in TEXT_PRIORS:
+                raise ConfigError(f"unknown text_prior {text_prior!r}; choose one of {', '.join(TEXT_PRIORS)}")
             if unet_condition not in UNET_CONDITIONS:
                 raise ConfigError(f"unknown unet_condition {unet_condition!r}; choose "
                                   f"{' or '.join(UNET_CONDITIONS)}")
@@ -820,7 +854,9 @@ def _tiny_pipeline_class():
             self.register_to_config(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                     cond_dropout=cond_dropout, patch_size=patch_size,
                                     coarse_temperature=coarse_temperature, strength=strength,
-                                    unet_condition=unet_condition)
+                                    unet_condition=unet_condition, text_prior=text_prior,
+                                    text_prior_weight=text_prior_weight,
+                                    text_prior_temperature=text_prior_temperature)
             self.vae_scale_factor = patch_size  # pixels per latent cell (space-to-depth, no VAE)
 
         def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -832,13 +868,23 @@ def _tiny_pipeline_class():
             p = self.config.patch_size
             return torch.nn.functional.pixel_shuffle(latents, p) if p > 1 else latents
 
-        def coarse_latents(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
+        def coarse_latents(self, embeddings: torch.Tensor, height: int, width: int,
+                           class_scores: torch.Tensor | None = None) -> torch.Tensor | None:
             """The coarse head's image for the embeddings, upsampled to the output size, in the UNet's space
-            (None without a coarse head)."""
+            (None without a coarse head). ``class_scores`` [B, K]: the text prior's cosines
+            (``TinyDecoderConfig.text_prior``), weighed by the config's weight and temperature."""
             if self.coarse is None:
                 return None
-            return self.upsample_coarse(self.coarse(embeddings, temperature=self.config.coarse_temperature),
-                                        height, width)
+            log_prior = None
+            if class_scores is not None and self.config.text_prior_weight:
+                k = self.coarse.config.prototypes
+                if tuple(class_scores.shape) != (embeddings.shape[0], k):
+                    raise DecodeInputError(f"class_scores must be [{embeddings.shape[0]}, {k}] for this "
+                                           f"decoder's {k} prototypes, got {tuple(class_scores.shape)}")
+                scores = class_scores.to(embeddings.device).float() / self.config.text_prior_temperature
+                log_prior = self.config.text_prior_weight * scores.log_softmax(-1)
+            coarse = self.coarse(embeddings, temperature=self.config.coarse_temperature, log_prior=log_prior)
+            return self.upsample_coarse(coarse, height, width)
 
         def upsample_coarse(self, coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
             """A coarse image [B, 3, c, c] -> bilinearly upsampled to the output size, in the UNet's space."""
@@ -857,8 +903,10 @@ def _tiny_pipeline_class():
                      guidance_scale: float | None = None, num_inference_steps: int | None = None,
                      generator=None, latents: torch.Tensor | None = None, height: int | None = None,
                      width: int | None = None, output_type: str = "pil", eta: float = 0.0,
-                     return_dict: bool = True, strength: float | None = None):
-            """``strength`` < 1 (with a coarse head; SDEdit, Meng et al. 2022, as diffusers' img2img
+                     return_dict: bool = True, strength: float | None = None,
+                     class_scores: torch.Tensor | None = None):
+            """``class_scores`` [B, K]: the text prior's scores for the coarse head (`coarse_latents`).
+            ``strength`` < 1 (with a coarse head; SDEdit, Meng et al. 2022, as diffusers' img2img
             ``strength``): sampling starts from the coarse image noised to the level of the last
             ``strength`` share of the timesteps and runs only those, so the UNet refines the head's drawing
             instead of redrawing it from noise (``latents``, when given, are that noise)."""
@@ -890,10 +938,13 @@ def _tiny_pipeline_class():
             if cfg and self.config.unet_condition == "target" and self.coarse is not None:
                 # a UNet trained on the target's own drawing saw it with dropped embeddings too: guidance then
                 # contrasts the embedding alone, not also the null embedding's drawing
-                coarse = self.coarse_latents(emb, height, width)
+                coarse = self.coarse_latents(emb, height, width, class_scores)
                 coarse = torch.cat([coarse, coarse])
+            elif cfg and class_scores is not None:  # the prior informs the conditional half only
+                coarse = torch.cat([self.coarse_latents(negative, height, width),
+                                    self.coarse_latents(emb, height, width, class_scores)])
             else:
-                coarse = self.coarse_latents(cond, height, width)
+                coarse = self.coarse_latents(cond, height, width, class_scores)
             self.scheduler.set_timesteps(steps, device=device)
             timesteps = self.scheduler.timesteps
             if strength < 1.0 and coarse is not None:
@@ -972,7 +1023,9 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
                                       guidance_scale=cfg.guidance_scale,
                                       num_inference_steps=cfg.num_inference_steps, cond_dropout=cfg.cond_dropout,
                                       patch_size=cfg.patch_size, coarse_temperature=cfg.coarse_temperature,
-                                      strength=cfg.strength, unet_condition=cfg.unet_condition)
+                                      strength=cfg.strength, unet_condition=cfg.unet_condition,
+                                      text_prior=cfg.text_prior, text_prior_weight=cfg.text_prior_weight,
+                                      text_prior_temperature=cfg.text_prior_temperature)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -984,7 +1037,7 @@ class TinyDecoder(ImageDecoder):
     from the noised coarse image (1: from pure noise; `TinyDecoderPipeline.__call__`)."""
 
     kind = "tiny"
-    decode_options = ("strength",)
+    decode_options = ("strength", "class_scores")
     default_guidance_scale = 2.0
     default_num_inference_steps = 20
     _stock_class_name = "TinyDecoderPipeline"
@@ -1004,6 +1057,14 @@ class TinyDecoder(ImageDecoder):
     @property
     def embedding_shape(self) -> tuple[int, ...]:
         return (int(self.pipeline.unet.config.projection_class_embeddings_input_dim),)
+
+    @property
+    def prior_captions(self) -> Sequence[Sequence[str]] | None:
+        """Per prototype class, the captions its text prior matches the ids against (None: no prior)."""
+        name = self.pipeline.config.get("text_prior", "")
+        if not name or not self.pipeline.config.get("text_prior_weight", 0.0) or self.pipeline.coarse is None:
+            return None
+        return TEXT_PRIORS[name]()
 
     @classmethod
     def _load(cls, path, dtype, **kwargs):
@@ -1036,11 +1097,12 @@ class TinyDecoder(ImageDecoder):
         return atomic_write_folder(folder, lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
 
     def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type,
-             strength=None):
+             strength=None, class_scores=None):
         latents = latents * self.pipeline.scheduler.init_noise_sigma  # 1 for DDIM; unit-variance noise given
         return self.pipeline(image_embeds=embeddings, negative_image_embeds=negative, guidance_scale=guidance_scale,
                              num_inference_steps=steps, generator=generators, latents=latents, height=height,
-                             width=width, output_type=output_type, strength=strength).images
+                             width=width, output_type=output_type, strength=strength,
+                             class_scores=class_scores).images
 
 
 # ------------------------------------------------------------------------------------------- registry

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import LM_PRESETS, LMConfig, lm_preset, resolve_dtype
 from ..errors import CheckpointError, ConfigError, IdsError
-from ..fileio import atomic_write, atomic_write_folder
+from ..fileio import atomic_write, atomic_write_folder, cache_dir
 
 IMG_BEGIN = "<img>"
 IMG_END = "</img>"
@@ -113,11 +113,6 @@ Segment = tuple[object, bool]  # (str | Image_ | "eos"/"bos" marker, counts in t
 
 
 # ------------------------------------------------------------------------------------------ base models
-def cache_dir() -> Path:
-    """Where converted base models are kept: $SEEDTOK_CACHE, else ~/.cache/seedtok."""
-    return Path(os.environ.get("SEEDTOK_CACHE") or Path.home() / ".cache" / "seedtok")
-
-
 def converted_gguf(name: str, progress: bool = True) -> Path:
     """A registry-shipped GGUF base (seedtok.assets), dequantised once into a transformers folder in the
     cache (fp32; ~0.5 GB for SmolLM2-135M). Written under a temporary name and renamed when complete."""

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import PRESETS, TokenizerConfig, preset, resolve_dtype
 from ..data.transforms import ImageInput, load_image, preprocess
 from ..errors import CheckpointError, ConfigError, IdsError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, cache_dir
 from .detokenizer import build_detokenizer
 from .qformer import QFormer
 from .quantizer import QuantizerOutput, VectorQuantizer
@@ -135,6 +135,55 @@ class SeedTokenizer(nn.Module):
             states = qformer.encode_text(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
             out.append(qformer.text_features(states).float())
         return torch.cat(out)
+
+    def cached_caption_features(self, captions: Sequence[str], progress: bool = False) -> torch.Tensor:
+        """`caption_features`, kept in memory and in the user cache (`seedtok.fileio.cache_dir`; safetensors,
+        keyed by the Q-Former's weights, the text tokenizer and the captions), since a decoder's text prior
+        scores thousands of captions (~11 s for the tiny decoder's 12,562 on a 2-core CPU) on every load."""
+        import hashlib
+
+        from safetensors.torch import load_file as load, save_file as save
+
+        digest = hashlib.sha256(repr((self.config.qformer.text_tokenizer, list(captions))).encode())
+        for name, tensor in sorted(self.qformer.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        key = digest.hexdigest()[:20]
+        memory = self.__dict__.setdefault("_caption_feature_cache", {})
+        if key in memory:
+            return memory[key]
+        path = cache_dir() / "caption-features" / f"{key}.safetensors"
+        features = None
+        if path.is_file():
+            try:
+                features = load(str(path))["features"]
+            except (SafetensorError, OSError, KeyError):
+                features = None  # a damaged cache file is recomputed and replaced
+        if features is None or features.shape[0] != len(captions):
+            features = self.caption_features(captions, progress=progress).cpu()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: save({"features": features.contiguous()}, tmp))
+        memory[key] = features
+        return features
+
+    def caption_scores(self, ids, captions: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Ids [B, N] and K classes' captions -> [B, K] float: per class, the best cosine between the ids'
+        contrastive feature (the reconstruction branch's causal embeddings, as code retrieval reads them) and
+        its captions' text features. Needs the reconstruction branch and the Q-Former's text branch."""
+        if not (self.config.detokenizer.reconstruction_branch and self.config.qformer.text_branch):
+            raise ConfigError(f"{self.config.name} cannot score captions: it needs the de-tokenizer's "
+                              "reconstruction branch and the Q-Former's text branch")
+        sizes = [len(group) for group in captions]
+        if not sizes or min(sizes) == 0:
+            raise ConfigError("caption_scores needs at least one caption for every class")
+        text = nn.functional.normalize(self.cached_caption_features([c for group in captions for c in group]),
+                                       dim=-1)
+        with torch.inference_mode():
+            image = self.qformer.image_features(self.detokenizer.reconstruct(self.codes(ids))).float()
+        cosines = nn.functional.normalize(image, dim=-1).cpu() @ text.float().T
+        classes = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).expand_as(cosines)
+        best = torch.full((cosines.shape[0], len(sizes)), -2.0)
+        return best.scatter_reduce(1, classes, cosines, reduce="amax")
 
     # ----------------------------------------------------------------------------------------- encode
     def preprocess(self, images: Iterable[ImageInput], background: tuple[int, int, int] | None = None
@@ -263,10 +312,14 @@ class SeedTokenizer(nn.Module):
         the negative for classifier-free guidance ([B or 1, N]; default: the decoder's null embedding).
         ``seed``: one int for every image (default 0: an image depends only on its ids) or one per image; other
         keyword arguments (``generator``, ``latents``, ``guidance_scale``, ``num_inference_steps``,
-        ``batch_size``, ``output_type``, ...) go to ``ImageDecoder.decode``."""
+        ``batch_size``, ``output_type``, ...) go to ``ImageDecoder.decode``. A decoder with a text prior (the
+        tiny one) also gets ``class_scores``: `caption_scores` of the ids against its classes' captions."""
         ids = self.check_ids(ids)
         decoder = self.image_decoder(image_decoder) if image_decoder is not None else self.image_decoder()
         embeddings = self.decode_embeddings(ids).float()
+        captions = getattr(decoder, "prior_captions", None)  # a decoder with a text prior (tiny)
+        if captions is not None and kwargs.get("class_scores") is None:
+            kwargs["class_scores"] = self.caption_scores(ids, captions)
         if negative_ids is not None:
             kwargs["negative_embeddings"] = self.decode_embeddings(negative_ids).float()
         if kwargs.get("generator") is not None:
