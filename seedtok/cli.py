@@ -332,12 +332,17 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, default=None,
                    help="tiny decoder: share of the steps run from its noised coarse image, in (0, 1] "
                         "(1: from pure noise; default: the decoder's)")
+    p.add_argument("--text-prior-weight", type=float, default=None,
+                   help="tiny decoder: weight of its text prior, the ids' caption scores (0: off; "
+                        "default: the decoder's)")
 
 
 def _decode_kwargs(args) -> dict:
     kwargs = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
-    if args.strength is not None:  # only the tiny decoder has it
+    if args.strength is not None:  # only the tiny decoder has these
         kwargs["strength"] = args.strength
+    if args.text_prior_weight is not None:
+        kwargs["text_prior_weight"] = args.text_prior_weight
     return kwargs
 
 

@@ -285,6 +285,14 @@ def test_decode_hands_a_text_prior_decoder_the_ids_caption_scores(tmp_path, monk
     np.testing.assert_allclose(got, direct, atol=1e-6)
     without = tok.image_decoder().decode(tok.decode_embeddings(ids), seed=0, output_type="np")
     assert np.abs(got - without).max() > 1e-3
+    # the weight is a decode option (0: off), and so a CLI flag
+    np.testing.assert_allclose(tok.decode(ids, text_prior_weight=0.0, output_type="np"), without, atol=1e-6)
+    root = tmp_path / "ckpt"
+    tok.save_pretrained(root)
+    arg = ",".join(map(str, ids[0].tolist()))
+    for flag, expected in ((["--text-prior-weight", "0"], without[0]), ([], got[0])):
+        assert main(["detokenize", "--model", str(root), "--ids", arg, "-o", str(tmp_path / "o.png"), *flag]) == 0
+        np.testing.assert_allclose(np.asarray(Image.open(tmp_path / "o.png")) / 255.0, expected, atol=1 / 255)
     # a decoder without a prior never asks for caption scores
     plain = SeedTokenizer.from_pretrained("micro").set_image_decoder(TinyDecoder.random("micro"))
     monkeypatch.setattr(SeedTokenizer, "caption_scores", lambda *a, **k: (_ for _ in ()).throw(AssertionError))

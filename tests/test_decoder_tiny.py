@@ -808,8 +808,11 @@ def test_text_prior_adds_weighted_caption_log_probs_to_the_prototype_choice(tmp_
     loaded = TinyDecoder.from_pretrained(tmp_path / "dec")
     assert (loaded.pipeline.config.text_prior, loaded.pipeline.config.text_prior_weight,
             loaded.pipeline.config.text_prior_temperature) == ("emoji-world", 2.0, 0.1)
+    assert loaded.prior_captions() is not None and loaded.prior_captions(0.0) is None
+    np.testing.assert_allclose(loaded.decode(emb, seed=0, class_scores=scores, text_prior_weight=0.0,
+                                             output_type="np"), dec.decode(emb, seed=0, output_type="np"), atol=1e-5)
     loaded.pipeline.register_to_config(text_prior_weight=0.0)
-    assert loaded.prior_captions is None
+    assert loaded.prior_captions() is None
     np.testing.assert_allclose(loaded.decode(emb, seed=0, class_scores=scores, output_type="np"),
                                dec.decode(emb, seed=0, output_type="np"), atol=1e-5)
     with pytest.raises(ConfigError, match="unknown text_prior 'words'"):

@@ -869,20 +869,23 @@ def _tiny_pipeline_class():
             return torch.nn.functional.pixel_shuffle(latents, p) if p > 1 else latents
 
         def coarse_latents(self, embeddings: torch.Tensor, height: int, width: int,
-                           class_scores: torch.Tensor | None = None) -> torch.Tensor | None:
+                           class_scores: torch.Tensor | None = None,
+                           text_prior_weight: float | None = None) -> torch.Tensor | None:
             """The coarse head's image for the embeddings, upsampled to the output size, in the UNet's space
             (None without a coarse head). ``class_scores`` [B, K]: the text prior's cosines
-            (``TinyDecoderConfig.text_prior``), weighed by the config's weight and temperature."""
+            (``TinyDecoderConfig.text_prior``), weighed by ``text_prior_weight`` (default: the config's) and
+            the config's temperature."""
             if self.coarse is None:
                 return None
             log_prior = None
-            if class_scores is not None and self.config.text_prior_weight:
+            weight = self.config.text_prior_weight if text_prior_weight is None else float(text_prior_weight)
+            if class_scores is not None and weight:
                 k = self.coarse.config.prototypes
                 if tuple(class_scores.shape) != (embeddings.shape[0], k):
                     raise DecodeInputError(f"class_scores must be [{embeddings.shape[0]}, {k}] for this "
                                            f"decoder's {k} prototypes, got {tuple(class_scores.shape)}")
                 scores = class_scores.to(embeddings.device).float() / self.config.text_prior_temperature
-                log_prior = self.config.text_prior_weight * scores.log_softmax(-1)
+                log_prior = weight * scores.log_softmax(-1)
             coarse = self.coarse(embeddings, temperature=self.config.coarse_temperature, log_prior=log_prior)
             return self.upsample_coarse(coarse, height, width)
 
@@ -904,8 +907,9 @@ def _tiny_pipeline_class():
                      generator=None, latents: torch.Tensor | None = None, height: int | None = None,
                      width: int | None = None, output_type: str = "pil", eta: float = 0.0,
                      return_dict: bool = True, strength: float | None = None,
-                     class_scores: torch.Tensor | None = None):
-            """``class_scores`` [B, K]: the text prior's scores for the coarse head (`coarse_latents`).
+                     class_scores: torch.Tensor | None = None, text_prior_weight: float | None = None):
+            """``class_scores`` [B, K] and ``text_prior_weight``: the text prior for the coarse head
+            (`coarse_latents`).
             ``strength`` < 1 (with a coarse head; SDEdit, Meng et al. 2022, as diffusers' img2img
             ``strength``): sampling starts from the coarse image noised to the level of the last
             ``strength`` share of the timesteps and runs only those, so the UNet refines the head's drawing
@@ -938,13 +942,13 @@ def _tiny_pipeline_class():
             if cfg and self.config.unet_condition == "target" and self.coarse is not None:
                 # a UNet trained on the target's own drawing saw it with dropped embeddings too: guidance then
                 # contrasts the embedding alone, not also the null embedding's drawing
-                coarse = self.coarse_latents(emb, height, width, class_scores)
+                coarse = self.coarse_latents(emb, height, width, class_scores, text_prior_weight)
                 coarse = torch.cat([coarse, coarse])
             elif cfg and class_scores is not None:  # the prior informs the conditional half only
                 coarse = torch.cat([self.coarse_latents(negative, height, width),
-                                    self.coarse_latents(emb, height, width, class_scores)])
+                                    self.coarse_latents(emb, height, width, class_scores, text_prior_weight)])
             else:
-                coarse = self.coarse_latents(cond, height, width, class_scores)
+                coarse = self.coarse_latents(cond, height, width, class_scores, text_prior_weight)
             self.scheduler.set_timesteps(steps, device=device)
             timesteps = self.scheduler.timesteps
             if strength < 1.0 and coarse is not None:
@@ -1037,7 +1041,7 @@ class TinyDecoder(ImageDecoder):
     from the noised coarse image (1: from pure noise; `TinyDecoderPipeline.__call__`)."""
 
     kind = "tiny"
-    decode_options = ("strength", "class_scores")
+    decode_options = ("strength", "class_scores", "text_prior_weight")
     default_guidance_scale = 2.0
     default_num_inference_steps = 20
     _stock_class_name = "TinyDecoderPipeline"
@@ -1058,11 +1062,13 @@ class TinyDecoder(ImageDecoder):
     def embedding_shape(self) -> tuple[int, ...]:
         return (int(self.pipeline.unet.config.projection_class_embeddings_input_dim),)
 
-    @property
-    def prior_captions(self) -> Sequence[Sequence[str]] | None:
-        """Per prototype class, the captions its text prior matches the ids against (None: no prior)."""
-        name = self.pipeline.config.get("text_prior", "")
-        if not name or not self.pipeline.config.get("text_prior_weight", 0.0) or self.pipeline.coarse is None:
+    def prior_captions(self, text_prior_weight: float | None = None) -> Sequence[Sequence[str]] | None:
+        """Per prototype class, the captions its text prior matches the ids against; None when it has no
+        prior or its weight (``text_prior_weight``, default: the checkpoint's) is 0."""
+        config = self.pipeline.config
+        name = config.get("text_prior", "")
+        weight = config.get("text_prior_weight", 0.0) if text_prior_weight is None else text_prior_weight
+        if not name or not weight or self.pipeline.coarse is None:
             return None
         return TEXT_PRIORS[name]()
 
@@ -1097,12 +1103,12 @@ class TinyDecoder(ImageDecoder):
         return atomic_write_folder(folder, lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
 
     def _run(self, embeddings, negative, latents, generators, guidance_scale, steps, height, width, output_type,
-             strength=None, class_scores=None):
+             strength=None, class_scores=None, text_prior_weight=None):
         latents = latents * self.pipeline.scheduler.init_noise_sigma  # 1 for DDIM; unit-variance noise given
         return self.pipeline(image_embeds=embeddings, negative_image_embeds=negative, guidance_scale=guidance_scale,
                              num_inference_steps=steps, generator=generators, latents=latents, height=height,
                              width=width, output_type=output_type, strength=strength,
-                             class_scores=class_scores).images
+                             class_scores=class_scores, text_prior_weight=text_prior_weight).images
 
 
 # ------------------------------------------------------------------------------------------- registry
