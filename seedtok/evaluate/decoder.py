@@ -7,7 +7,8 @@ depend on the batch size), and scores the reconstructions with ``EmojiScorer``:
   original emoji; ``background_acc``: share whose detected background is the original colour (percent);
 - ``ceiling_top1`` / ``ceiling_top5``: the same scorer on the original scenes (what a perfect decoder gets);
 - ``embed_cosine``: mean cosine between the original's and the reconstruction's pooled features;
-- ``images_per_s``: reconstructions per second (tokenize + decode, scoring excluded).
+- ``images_per_s``: reconstructions per second (tokenize + decode, scoring excluded);
+- ``decode_settings``: the guidance, steps and (tiny) strength and text prior the reconstructions used.
 """
 
 from __future__ import annotations
@@ -17,9 +18,20 @@ from typing import Sequence
 
 from ..data.sources import DataError, Sample
 
-__all__ = ["evaluate_decoder"]
+__all__ = ["decode_settings", "evaluate_decoder"]
 
 DEFAULT_TEMPLATE_CACHE = "~/.cache/seedtok/emoji-templates"
+
+
+def decode_settings(decoder, decode_kwargs: dict) -> dict:
+    """The decoder settings a run used: the caller's overrides, else the decoder's own defaults (the tiny
+    decoder's ``strength`` and text prior from its ``model_index.json``)."""
+    config = getattr(decoder.pipeline, "config", {})
+    settings = {"guidance_scale": decoder.guidance_scale, "num_inference_steps": decoder.num_inference_steps}
+    settings.update({k: config[k] for k in ("strength", "text_prior", "text_prior_weight", "text_prior_temperature")
+                     if k in config})
+    settings.update({k: v for k, v in decode_kwargs.items() if v is not None and k in settings})
+    return settings
 
 
 def evaluate_decoder(tokenizer, samples: Sequence[Sample], scorer=None, batch_size: int = 16, seed: int = 0,
@@ -38,7 +50,7 @@ def evaluate_decoder(tokenizer, samples: Sequence[Sample], scorer=None, batch_si
 
         scorer = EmojiScorer(cache_dir=DEFAULT_TEMPLATE_CACHE)
     originals = [s.image for s in samples]
-    tokenizer.image_decoder()  # load it before the clock starts
+    decoder = tokenizer.image_decoder()  # load it before the clock starts
     starts = range(0, len(originals), batch_size)
     if progress:
         from tqdm import tqdm
@@ -56,7 +68,7 @@ def evaluate_decoder(tokenizer, samples: Sequence[Sample], scorer=None, batch_si
               "embed_cosine": scorer.embed_cosine(originals, recon),
               "ceiling_top1": ceiling.identity_top1, "ceiling_top5": ceiling.identity_top5,
               "images_per_s": len(recon) / seconds if seconds > 0 else float("nan"),
-              "num_images": len(recon)}
+              "num_images": len(recon), "decode_settings": decode_settings(decoder, decode_kwargs)}
     if return_images:
         result["images"] = recon
     return result
