@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         _, head, _, _ = pipe.coarse.float()(tok.decode_embeddings(ids).float(), return_parts=True)
     captions = tok.caption_scores(ids, decoder.prior_captions(1.0))
     weight, temperature = pipe.config.text_prior_weight, pipe.config.text_prior_temperature
-    both = head.float().log_softmax(-1) + weight * (captions / temperature).log_softmax(-1)
+    both = head.float().log_softmax(-1) + pipe.text_log_prior(captions, len(ids))  # as the head combines them
     rows = {"decoder's coarse head (logits)": topk(head, truth),
             "tokenizer's caption scores (the text prior alone)": topk(captions, truth),
             f"head + text prior (weight {weight:g}, temperature {temperature:g})": topk(both, truth)}

@@ -125,6 +125,8 @@ class ImageDecoder:
     default_num_inference_steps: int
     #: the keyword options of this kind's ``decode`` beyond the common ones (passed on to ``_run``)
     decode_options: tuple[str, ...] = ()
+    #: those of them that hold one row per image (sliced with the batch when ``decode`` chunks it)
+    per_image_options: tuple[str, ...] = ()
 
     def __init__(self, pipeline, *, guidance_scale: float | None = None, num_inference_steps: int | None = None,
                  size: int | tuple[int, int] | None = None, progress: bool = False):
@@ -136,6 +138,11 @@ class ImageDecoder:
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self._empty_text: dict = {}
         pipeline.set_progress_bar_config(disable=not progress)
+
+    def prior_captions(self, text_prior_weight: float | None = None) -> Sequence[Sequence[str]] | None:
+        """Per class, the captions a text prior matches the ids against (`SeedTokenizer.decode` then passes
+        their scores as ``class_scores``); None: this decoder takes no text prior."""
+        return None
 
     # -------------------------------------------------------------------------------------- properties
     # (diffusers' ModelMixin.device/.dtype walk every submodule looking for offload hooks: ms per call)
@@ -263,8 +270,8 @@ class ImageDecoder:
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             gens = generators[start:stop] if isinstance(generators, list) else generators
-            rows = {k: v[start:stop] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v
-                    for k, v in kwargs.items()}  # per-image options (class_scores) go with their chunk
+            rows = {k: v[start:stop] if k in self.per_image_options and v is not None else v
+                    for k, v in kwargs.items()}
             out.append(self._run(emb[start:stop], None if negative is None else negative[start:stop],
                                  latents[start:stop], gens, guidance, steps, height, width,
                                  "pil" if output_type == "pil" else "pt", **rows))
@@ -877,17 +884,24 @@ def _tiny_pipeline_class():
             the config's temperature."""
             if self.coarse is None:
                 return None
-            log_prior = None
-            weight = self.config.text_prior_weight if text_prior_weight is None else float(text_prior_weight)
-            if class_scores is not None and weight:
-                k = self.coarse.config.prototypes
-                if tuple(class_scores.shape) != (embeddings.shape[0], k):
-                    raise DecodeInputError(f"class_scores must be [{embeddings.shape[0]}, {k}] for this "
-                                           f"decoder's {k} prototypes, got {tuple(class_scores.shape)}")
-                scores = class_scores.to(embeddings.device).float() / self.config.text_prior_temperature
-                log_prior = weight * scores.log_softmax(-1)
-            coarse = self.coarse(embeddings, temperature=self.config.coarse_temperature, log_prior=log_prior)
+            log_prior = self.text_log_prior(class_scores, embeddings.shape[0], text_prior_weight)
+            coarse = self.coarse(embeddings, temperature=self.config.coarse_temperature,
+                                 log_prior=None if log_prior is None else log_prior.to(embeddings.device))
             return self.upsample_coarse(coarse, height, width)
+
+        def text_log_prior(self, class_scores: torch.Tensor | None, rows: int,
+                           text_prior_weight: float | None = None) -> torch.Tensor | None:
+            """The text prior's term [rows, K] for the coarse head's log-probabilities: weight x
+            log-softmax(class_scores / temperature) (weight: ``text_prior_weight``, default the config's);
+            None without scores or at weight 0."""
+            weight = self.config.text_prior_weight if text_prior_weight is None else float(text_prior_weight)
+            if class_scores is None or not weight:
+                return None
+            k = self.coarse.config.prototypes
+            if tuple(class_scores.shape) != (rows, k):
+                raise DecodeInputError(f"class_scores must be [{rows}, {k}] for this decoder's {k} prototypes, "
+                                       f"got {tuple(class_scores.shape)}")
+            return weight * (class_scores.float() / self.config.text_prior_temperature).log_softmax(-1)
 
         def upsample_coarse(self, coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
             """A coarse image [B, 3, c, c] -> bilinearly upsampled to the output size, in the UNet's space."""
@@ -1042,6 +1056,7 @@ class TinyDecoder(ImageDecoder):
 
     kind = "tiny"
     decode_options = ("strength", "class_scores", "text_prior_weight")
+    per_image_options = ("class_scores",)
     default_guidance_scale = 2.0
     default_num_inference_steps = 20
     _stock_class_name = "TinyDecoderPipeline"

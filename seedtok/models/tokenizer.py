@@ -324,10 +324,9 @@ class SeedTokenizer(nn.Module):
         ids = self.check_ids(ids)
         decoder = self.image_decoder(image_decoder) if image_decoder is not None else self.image_decoder()
         embeddings = self.decode_embeddings(ids).float()
-        if hasattr(decoder, "prior_captions") and kwargs.get("class_scores") is None:  # a text prior (tiny)
-            captions = decoder.prior_captions(kwargs.get("text_prior_weight"))
-            if captions is not None:
-                kwargs["class_scores"] = self.caption_scores(ids, captions)
+        captions = decoder.prior_captions(kwargs.get("text_prior_weight"))  # a text prior (tiny)
+        if captions is not None and kwargs.get("class_scores") is None:
+            kwargs["class_scores"] = self.caption_scores(ids, captions)
         if negative_ids is not None:
             kwargs["negative_embeddings"] = self.decode_embeddings(negative_ids).float()
         if kwargs.get("generator") is not None:
