@@ -153,8 +153,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="train a new coarse head on the frozen UNet of the trained decoder --init")
     q.add_argument("--unet-only", action="store_true",
                    help="fine-tune the UNet of the trained decoder --init under its frozen coarse head")
+    q.add_argument("--refit-prototypes", action="store_true",
+                   help="no training steps: refit the coarse head's prototypes of the trained decoder --init on "
+                        "the config's training targets, in closed form (everything else kept)")
     q.add_argument("--init", type=Path, default=None, metavar="DECODER_DIR",
-                   help="with --coarse-only / --unet-only: the trained decoder folder whose other part to keep")
+                   help="with --coarse-only / --unet-only / --refit-prototypes: the trained decoder folder whose "
+                        "other parts to keep")
     q.set_defaults(func=_train_decoder)
 
     p = sub.add_parser("eval", help="evaluate")
@@ -411,8 +415,20 @@ def _grid(pairs, gap: int = 2):
 
 
 def _train_decoder(args) -> int:
-    from .train.decoder import train_decoder
+    from .errors import ConfigError
+    from .train.decoder import refit_prototypes, train_decoder
 
+    if args.refit_prototypes:
+        if args.init is None:
+            raise ConfigError("--refit-prototypes refits a trained decoder: pass --init DECODER_DIR")
+        if args.coarse_only or args.unet_only or args.resume or args.quick or args.steps:
+            raise ConfigError("--refit-prototypes runs no training steps: drop --coarse-only, --unet-only, "
+                              "--resume, --quick and --steps")
+        out = args.out or Path("runs") / "decoder-refit"
+        fitted = refit_prototypes(args.config, args.init, out, export=args.export)
+        print(f"refit {fitted} prototypes; decoder: {out / 'final'}"
+              + (f" (fp16 copy: {args.export})" if args.export else ""))
+        return 0
     result = train_decoder(args.config, out=args.out, quick=args.quick, resume=args.resume, steps=args.steps,
                            export=args.export, tokenizer=args.tokenizer, init=args.init,
                            coarse_only=args.coarse_only, unet_only=args.unet_only)

@@ -612,6 +612,98 @@ def test_emoji_prototype_targets_are_the_scenes_emoji(micro_data, tmp_path):
         new_decoder(cfg, blank)
 
 
+def test_prototype_refit_recovers_each_drawing_and_its_alpha_from_scenes_on_several_backgrounds():
+    from seedtok.models.image_decoder import _coarse_head_class
+
+    head = _coarse_head_class()(embed_dim=4, size=8, hidden=8, prototypes=4)
+    g = torch.Generator().manual_seed(0)
+    colour = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    alpha = torch.zeros(4, 1, 8, 8)  # a transparent border, so each scene's border colour is its background
+    alpha[:, :, 2:6, 2:6] = torch.rand(4, 1, 4, 4, generator=g) * 0.8 + 0.2
+    labels = torch.tensor([0] * 4 + [1] * 3 + [3])  # class 2: no scene; class 3: one background only
+    backgrounds = torch.rand(len(labels), 3, generator=g) * 2 - 1
+    images = alpha[labels] * colour[labels] + (1 - alpha[labels]) * backgrounds[:, :, None, None]
+    before = head.prototype_images.detach().clone()
+    assert head.fit_prototypes(images, labels, ridge=1e-6) == 3
+    fitted = head.prototype_images.detach()
+    a = fitted[:2, 3].sigmoid()
+    assert torch.allclose(a, alpha[:2, 0], atol=3e-3)  # alpha logits are kept within ±6
+    inside = alpha[:2].expand(-1, 3, -1, -1) > 0.05
+    assert torch.allclose(fitted[:2, :3][inside], colour[:2][inside], atol=1e-3)
+    assert torch.equal(fitted[2], before[2])  # no scene: kept
+    # one background: alpha and colour are not told apart; the ridge keeps the solve finite and near the start
+    assert torch.isfinite(fitted[3]).all() and not torch.equal(fitted[3], before[3])
+    with pytest.raises(ConfigError, match="0..3"):
+        head.fit_prototypes(images, labels + 1)
+
+
+def test_refit_prototypes_changes_only_the_prototypes_of_a_trained_decoder(tmp_path):
+    from seedtok.cli import main
+    from seedtok.config import preset
+    from seedtok.data.sources import open_source
+    from seedtok.train.decoder import DecoderData
+
+    decoder = {"coarse_prototypes": 1142, "coarse_prototype_init": "emoji", "coarse_prototype_ce": 1.0}
+    (tmp_path / "run.json").write_text(json.dumps({"model": "micro", "decoder": decoder,
+                                                   "train": {"data": "emoji:train:24"}}))
+    cfg = dataclasses.replace(tiny_decoder_config("micro"), **decoder)
+    TinyDecoder.random(cfg).save_pretrained(tmp_path / "init")
+    assert main(["train", "decoder", "--config", str(tmp_path / "run.json"), "--refit-prototypes",
+                 "--init", str(tmp_path / "init"), "--out", str(tmp_path / "refit"),
+                 "--export", str(tmp_path / "fp16")]) == 0
+    init = TinyDecoder.from_pretrained(tmp_path / "init").pipeline
+    refit = TinyDecoder.from_pretrained(tmp_path / "refit" / "final").pipeline
+    a, b = init.unet.state_dict(), refit.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the UNet is the init's
+    a = {k: v.clone() for k, v in init.coarse.state_dict().items()}
+    b = refit.coarse.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "prototype_images")  # and the MLP, colours, stats
+    data = DecoderData(preset("micro"), open_source("emoji:train:24"), "emoji:train:24", 16, progress=False,
+                       cache_dir=tmp_path / "cache", target=cfg.target, embeddings=False)
+    labels = data.emoji_labels()
+    expected = init.coarse
+    expected.fit_prototypes(data.pixels, labels)
+    assert torch.allclose(refit.coarse.prototype_images, expected.prototype_images)
+    seen = labels.unique()
+    unseen = torch.ones(1142, dtype=torch.bool)
+    unseen[seen] = False
+    assert torch.equal(refit.coarse.prototype_images[unseen], a["prototype_images"][unseen])
+    assert not torch.allclose(refit.coarse.prototype_images[seen], a["prototype_images"][seen])
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "fp16" / "coarse" / "diffusion_pytorch_model.safetensors"))
+    assert stored["prototype_images"].dtype == torch.float16  # --export: the bundled form
+    # user errors: one line, exit 2
+    assert main(["train", "decoder", "--config", str(tmp_path / "run.json"), "--refit-prototypes"]) == 2
+    assert main(["train", "decoder", "--config", str(tmp_path / "run.json"), "--refit-prototypes",
+                 "--init", str(tmp_path / "init"), "--out", str(tmp_path / "refit")]) == 2  # would overwrite
+    assert main(["train", "decoder", "--config", "micro", "--refit-prototypes",  # not one prototype per emoji
+                 "--init", str(tmp_path / "init"), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_training_with_refit_fits_the_trained_prototypes_to_their_classes(tmp_path):
+    from seedtok.config import preset
+    from seedtok.data.sources import open_source
+    from seedtok.train.decoder import DecoderData, new_decoder, train_decoder
+
+    for name, refit in (("plain", False), ("refit", True)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"model": "micro", "decoder": {
+            "coarse_prototype_refit": refit}}))
+        train_decoder(str(tmp_path / f"{name}.json"), out=tmp_path / name, progress=False)
+    plain = TinyDecoder.from_pretrained(tmp_path / "plain" / "final").pipeline.coarse
+    refit = TinyDecoder.from_pretrained(tmp_path / "refit" / "final").pipeline.coarse
+    cfg = tiny_decoder_config("micro")
+    data = DecoderData(preset("micro"), open_source("emoji:train:16"), "emoji:train:16", 16, progress=False,
+                       cache_dir=tmp_path / "cache", target=cfg.target)
+    new_decoder(cfg, data)  # the classes the cross-entropy taught: each target's nearest starting prototype
+    plain.fit_prototypes(data.pixels, data.prototype_targets)
+    assert torch.allclose(refit.prototype_images, plain.prototype_images, atol=1e-6)
+    a, b = plain.state_dict(), refit.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "prototype_images")
+    with pytest.raises(ConfigError, match="coarse_prototype_ce"):
+        new_decoder(dataclasses.replace(cfg, coarse_prototype_ce=0.0, coarse_prototype_refit=True), data)
+
+
 def test_nearest_prototypes_name_the_subject_not_the_background():
     from seedtok.models.image_decoder import _coarse_head_class
 

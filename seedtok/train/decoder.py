@@ -60,7 +60,8 @@ from .loop import TrainConfig, TrainResult, read_run_file, with_overrides
 #: coarse head, which then draws the UNet's input as it does when decoding: at its decode temperature)
 DECODER_PARTS = ("all", "coarse", "unet")
 
-__all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "new_decoder", "train_decoder"]
+__all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "new_decoder", "refit_prototypes",
+           "train_decoder"]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -92,12 +93,26 @@ class DecoderData:
 
     def __init__(self, config: TokenizerConfig, samples: Sequence[Sample], data_spec: str, size: int,
                  cache_dir: str | os.PathLike | None = None, progress: bool = True, batch_size: int = 64,
-                 target: str = "scene", tokenizer=None):
+                 target: str = "scene", tokenizer=None, embeddings: bool = True):
         from .data import _cache_key, _load_or_compute, _weights_digest
 
         self.config, self.samples, self.size, self.target = config, samples, int(size), target
         self.progress, self.chunk = progress, batch_size
         cache_dir = Path(cache_dir or ".")
+        self._labels_cache = cache_dir / f"labels-{_key(config, data_spec, 0, 'labels')}.safetensors"
+        #: [N] long, or None: each target's nearest starting prototype (`new_decoder` sets it when the
+        #: decoder config has ``coarse_prototype_ce``)
+        self.prototype_targets: torch.Tensor | None = None
+        #: [N] long, or None: each target's nearest starting background colour (``coarse_background_ce``)
+        self.background_targets: torch.Tensor | None = None
+        pixels_cache = cache_dir / f"decoder-{_key(config, data_spec, self.size, target)}.safetensors"
+        if not embeddings:  # the targets alone (`refit_prototypes`): no backbone pass
+            from safetensors.torch import load_file
+
+            self.pixels = load_file(str(pixels_cache))["pixels"] if pixels_cache.is_file() else torch.cat(
+                [self._target_pixels(start) for start in self._starts("render decoder targets")])
+            self.teacher = self.embeds = None
+            return
         # the tokenizer's feature cache for the same data, when there is one (same key as TokenizerData's)
         self._features_cache = cache_dir / f"features-{_cache_key(_ConfigHolder(config), data_spec, 'features')}" \
                                            f".safetensors"
@@ -115,20 +130,13 @@ class DecoderData:
                 generation["embeds"] = tensors.pop("generation")
             return tensors
 
-        tensors = _load_or_compute(cache_dir / f"decoder-{_key(config, data_spec, self.size, target)}.safetensors",
-                                   compute)
-        self._labels_cache = cache_dir / f"labels-{_key(config, data_spec, 0, 'labels')}.safetensors"
+        tensors = _load_or_compute(pixels_cache, compute)
         self.pixels, self.teacher = tensors["pixels"], tensors["teacher"]
         if len(self.pixels) != len(samples):
             raise ConfigError(f"decoder cache holds {len(self.pixels)} samples, the data {len(samples)}")
         #: the conditioning embeddings the decoder learns from: the teacher's, or ``tokenizer``'s generation
         #: embeddings of the images' codes
         self.embeds = self.teacher
-        #: [N] long, or None: each target's nearest starting prototype (`new_decoder` sets it when the
-        #: decoder config has ``coarse_prototype_ce``)
-        self.prototype_targets: torch.Tensor | None = None
-        #: [N] long, or None: each target's nearest starting background colour (``coarse_background_ce``)
-        self.background_targets: torch.Tensor | None = None
         if tokenizer is not None:
             self.embeds = _load_or_compute(generation_cache, lambda: generation or
                                            {"embeds": self._compute_generation(tokenizer)})["embeds"]
@@ -175,9 +183,7 @@ class DecoderData:
         pixels, embeds, generation = [], [], []
         for start in self._starts("cache decoder pixels + teacher embeddings" + (" + codes" if tok else "")):
             images = [self.samples[i].image for i in range(start, min(start + self.chunk, len(self.samples)))]
-            targets = images if self.target == "scene" else [normalize_scene(im) for im in images]
-            pixels.append(torch.from_numpy(np.stack([np.asarray(_resize(im, self.size), dtype=np.uint8)
-                                                     for im in targets])).permute(0, 3, 1, 2).contiguous())
+            pixels.append(self._target_pixels(start, images))
             if not reuse:
                 x = preprocess(images, cfg.image_size, cfg.image_mean, cfg.image_std, cfg.resample)
                 feats = teacher.features(x)  # the tokenizer's frozen backbone, with the same weights
@@ -195,6 +201,15 @@ class DecoderData:
         if generation:
             tensors["generation"] = torch.cat(generation)
         return tensors
+
+    def _target_pixels(self, start: int, images: Sequence[Image.Image] | None = None) -> torch.Tensor:
+        """[n, 3, S, S] uint8: the training targets of the chunk of samples from ``start`` (its ``images``, if
+        already loaded): each scene, or its centred view, at the decoder's size."""
+        if images is None:
+            images = [self.samples[i].image for i in range(start, min(start + self.chunk, len(self.samples)))]
+        targets = images if self.target == "scene" else [normalize_scene(im) for im in images]
+        return torch.from_numpy(np.stack([np.asarray(_resize(im, self.size), dtype=np.uint8)
+                                          for im in targets])).permute(0, 3, 1, 2).contiguous()
 
     @torch.inference_mode()
     def _compute_generation(self, tokenizer) -> torch.Tensor:
@@ -416,6 +431,8 @@ def new_decoder(config: TinyDecoderConfig, data: DecoderData) -> TinyDecoder:
                           "coarse_prototypes")
     if config.coarse_background_ce and not config.coarse_background_colours:
         raise ConfigError("coarse_background_ce needs coarse_background_colours")
+    if config.coarse_prototype_refit and not config.coarse_prototype_ce:
+        raise ConfigError("coarse_prototype_refit needs each target's class: set coarse_prototype_ce")
     decoder = TinyDecoder.random(config)
     coarse = decoder.pipeline.coarse
     if coarse is not None:
@@ -526,9 +543,42 @@ def train_decoder(config: str = "tiny", out: str | Path | None = None, quick: bo
         trainer.resume()
     result = trainer.fit()
     model.eval()
+    if dec_cfg.coarse_prototype_refit and train_cfg.train_parts != "unet":
+        decoder.pipeline.coarse.fit_prototypes(data.pixels, data.prototype_targets)
     if trainer.accelerator.is_main_process:
         decoder.save_pretrained(out / "final")
         if export:
             decoder.save_pretrained(export, dtype="fp16")
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def refit_prototypes(config: str, init: str | Path, out: str | Path, export: str | Path | None = None,
+                     progress: bool = True) -> int:
+    """Refit the prototypes of the trained decoder folder ``init`` on the training targets of ``config``'s data
+    (`CoarseHead.fit_prototypes`; its head needs one prototype per emoji: ``coarse_prototype_init="emoji"``)
+    and save the decoder to ``OUT/final`` (fp32) and, with ``export``, in fp16; everything but the prototypes
+    is the init's. Renders the targets only (no backbone pass; a decoder run's pixel cache is read when
+    there is one). Returns how many prototypes were refit."""
+    from ..data.sources import open_source
+
+    model_cfg, dec_cfg, train_cfg = load_decoder_run_config(config)
+    if not dec_cfg.coarse_prototypes or dec_cfg.coarse_prototype_init != "emoji":
+        raise ConfigError("--refit-prototypes needs a coarse head with one prototype per emoji "
+                          "(coarse_prototype_init: emoji)")
+    out = Path(out)
+    if (out / "final").exists():
+        raise ConfigError(f"{out / 'final'} already exists: pass another --out")
+    decoder = TinyDecoder.from_pretrained(init, torch_dtype=torch.float32)
+    coarse = decoder.pipeline.coarse
+    if coarse is None or coarse.config.prototypes != dec_cfg.coarse_prototypes:
+        raise CheckpointError(f"{init} does not fit the config: its coarse head has "
+                              f"{coarse.config.prototypes if coarse is not None else 'no'} prototypes, the config "
+                              f"{dec_cfg.coarse_prototypes}")
+    data = DecoderData(model_cfg, open_source(train_cfg.data), train_cfg.data, dec_cfg.image_size,
+                       cache_dir=out.parent / "cache", progress=progress, target=dec_cfg.target, embeddings=False)
+    fitted = coarse.fit_prototypes(data.pixels, data.emoji_labels())
+    decoder.save_pretrained(out / "final")
+    if export:
+        decoder.save_pretrained(export, dtype="fp16")
+    return fitted
