@@ -270,6 +270,22 @@ def test_caption_scores_are_each_classes_best_cosine(tmp_path, monkeypatch, micr
         SeedTokenizer.from_pretrained("micro-seed1").caption_scores(ids, CLASS_CAPTIONS)
 
 
+def test_caption_scores_by_column_give_each_columns_best_class(tmp_path, monkeypatch, micro):
+    monkeypatch.setenv("SEEDTOK_CACHE", str(tmp_path))
+    grid = [["a red apple", "a blue apple", "a green apple"], ["a red cat", "a blue cat", "a green cat"]]
+    ids = ids_for(3)
+    classes, columns = micro.caption_scores(ids, grid, by_column=True)
+    text = torch.nn.functional.normalize(micro.caption_features([c for row in grid for c in row]), dim=-1)
+    with torch.no_grad():
+        image = micro.qformer.image_features(micro.detokenizer.reconstruct(micro.codes(ids)))
+    cos = (torch.nn.functional.normalize(image, dim=-1) @ text.T).view(3, 2, 3)
+    torch.testing.assert_close(classes, cos.amax(2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(columns, cos.amax(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(classes, micro.caption_scores(ids, grid))
+    with pytest.raises(ConfigError, match="same number of captions"):
+        micro.caption_scores(ids, CLASS_CAPTIONS, by_column=True)
+
+
 def test_decode_hands_a_text_prior_decoder_the_ids_caption_scores(tmp_path, monkeypatch, micro):
     import dataclasses
 
@@ -296,6 +312,19 @@ def test_decode_hands_a_text_prior_decoder_the_ids_caption_scores(tmp_path, monk
     for flag, expected in ((["--text-prior-weight", "0"], without[0]), ([], got[0])):
         assert main(["detokenize", "--model", str(root), "--ids", arg, "-o", str(tmp_path / "o.png"), *flag]) == 0
         np.testing.assert_allclose(np.asarray(Image.open(tmp_path / "o.png")) / 255.0, expected, atol=1 / 255)
+    # a prior that also picks the background gets the scores per caption column
+    grid = [[f"a {c} {name}" for c in ("red", "blue")] for name in ("apple", "cat", "star", "dog", "tree", "sun")]
+    monkeypatch.setitem(image_decoder.TEXT_PRIORS, "grid", lambda: grid)
+    monkeypatch.setitem(image_decoder.TEXT_PRIOR_COLOURS, "grid", lambda: ((255, 0, 0), (0, 0, 255)))
+    both = SeedTokenizer.from_pretrained("micro").set_image_decoder(TinyDecoder.random(dataclasses.replace(
+        cfg, text_prior="grid", text_prior_background=True)))
+    with torch.no_grad():  # a random head's learned colours are all alike: make them differ
+        palette = both.image_decoder().pipeline.coarse.background_palette
+        palette.copy_(torch.linspace(-1, 1, palette.numel()).view_as(palette))
+    classes, columns = both.caption_scores(ids, grid, by_column=True)
+    direct = both.image_decoder().decode(both.decode_embeddings(ids), seed=0, class_scores=classes,
+                                         background_scores=columns, output_type="np")
+    np.testing.assert_allclose(both.decode(ids, output_type="np"), direct, atol=1e-6)
     # a decoder without a prior never asks for caption scores
     plain = SeedTokenizer.from_pretrained("micro").set_image_decoder(TinyDecoder.random("micro"))
     monkeypatch.setattr(SeedTokenizer, "caption_scores", lambda *a, **k: (_ for _ in ()).throw(AssertionError))

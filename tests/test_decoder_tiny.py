@@ -911,6 +911,53 @@ def test_text_prior_adds_weighted_caption_log_probs_to_the_prototype_choice(tmp_
         TinyDecoder.random(dataclasses.replace(cfg, text_prior="words"))
 
 
+def test_text_prior_background_adds_each_named_colours_log_prob_to_its_nearest_learned_colours(monkeypatch):
+    """``text_prior_background``: the background softmax's log-probabilities + weight x
+    log-softmax(background_scores / temperature), each learned colour taking its nearest named colour's term."""
+    from seedtok.models import image_decoder
+
+    named = ((255, 0, 0), (0, 0, 255))  # caption column 0: red backgrounds, column 1: blue
+    monkeypatch.setitem(image_decoder.TEXT_PRIOR_COLOURS, "emoji-world", lambda: named)
+    cfg = dataclasses.replace(tiny_decoder_config("micro"), coarse_temperature=0.5, text_prior="emoji-world",
+                              text_prior_weight=2.0, text_prior_temperature=0.1, text_prior_background=True)
+    dec = TinyDecoder.random(cfg)
+    head, pipe = dec.pipeline.coarse, dec.pipeline
+    with torch.no_grad():  # four learned colours: reddish, blue, dark red, grey-blue
+        head.background_palette.copy_(torch.tensor([[0.8, -0.9, -0.9], [-1.0, -1.0, 1.0], [0.2, -1.0, -1.0],
+                                                    [-0.5, -0.4, 0.3]]))
+    emb = embeds(3)
+    scores = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.5, 0.5]])
+    with torch.no_grad():
+        x = (emb - head.input_mean) / head.input_std
+        k = head.config.prototypes
+        weights = (head.net(x)[:, :k] / 0.5).softmax(-1)
+        mix = torch.einsum("bk,kchw->bchw", weights, head.prototype_images)
+        alpha = mix[:, 3:].sigmoid()
+        prior = 2.0 * (scores / 0.1).log_softmax(-1)[:, [0, 1, 0, 1]]
+        colour = ((head.background_logits(x).log_softmax(-1) + prior) / 0.5).softmax(-1) @ head.background_palette
+        expected = alpha * mix[:, :3] + (1 - alpha) * colour[:, :, None, None]
+        got = pipe.coarse_latents(emb, 8, 8, background_scores=scores)
+        torch.testing.assert_close(got, pipe.upsample_coarse(expected, 8, 8))
+        plain = pipe.coarse_latents(emb, 8, 8)
+        assert (got - plain).abs().max() > 1e-3
+        torch.testing.assert_close(pipe.coarse_latents(emb, 8, 8, background_scores=torch.zeros(3, 2)), plain)
+        # weight 0 turns it off with the class prior
+        torch.testing.assert_close(pipe.coarse_latents(emb, 8, 8, text_prior_weight=0.0, background_scores=scores),
+                                   plain)
+        with pytest.raises(DecodeInputError, match="background_scores must be \\[3, 2\\]"):
+            pipe.coarse_latents(emb, 8, 8, background_scores=scores[:, :1])
+    # through decode: per image and batch-independent
+    a = dec.decode(emb, seed=0, background_scores=scores, output_type="np")
+    np.testing.assert_allclose(dec.decode(emb, seed=0, background_scores=scores, batch_size=1, output_type="np"), a,
+                               atol=1e-5)
+    assert dec.prior_names_backgrounds() and not dec.prior_names_backgrounds(0.0)
+    assert not TinyDecoder.random(dataclasses.replace(cfg, text_prior_background=False)).prior_names_backgrounds()
+    with pytest.raises(ConfigError, match="text_prior_background needs"):
+        TinyDecoder.random(dataclasses.replace(cfg, coarse_background_colours=0, coarse_background_ce=0.0))
+    with pytest.raises(ConfigError, match="text_prior_background needs"):
+        TinyDecoder.random(dataclasses.replace(cfg, text_prior=""))
+
+
 def test_tiny_decoder_text_prior_names_one_class_per_prototype():
     from seedtok.data.emoji import PALETTE, caption_for, pool
     from seedtok.models.image_decoder import TEXT_PRIORS
@@ -919,3 +966,7 @@ def test_tiny_decoder_text_prior_names_one_class_per_prototype():
     captions = TEXT_PRIORS[cfg.text_prior]()
     assert len(captions) == cfg.coarse_prototypes == len(pool())  # prototype k is emoji k ("emoji" init)
     assert captions[5] == tuple(caption_for(pool()[5].name, c) for c in PALETTE)
+    # column j of every class's captions is its scene on background colour j
+    from seedtok.models.image_decoder import TEXT_PRIOR_COLOURS
+
+    assert cfg.text_prior_background and TEXT_PRIOR_COLOURS[cfg.text_prior]() == tuple(PALETTE.values())

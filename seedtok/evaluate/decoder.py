@@ -28,8 +28,8 @@ def decode_settings(decoder, decode_kwargs: dict) -> dict:
     decoder's ``strength`` and text prior from its ``model_index.json``)."""
     config = getattr(decoder.pipeline, "config", {})
     settings = {"guidance_scale": decoder.guidance_scale, "num_inference_steps": decoder.num_inference_steps}
-    settings.update({k: config[k] for k in ("strength", "text_prior", "text_prior_weight", "text_prior_temperature")
-                     if k in config})
+    own = ("strength", "text_prior", "text_prior_weight", "text_prior_temperature", "text_prior_background")
+    settings.update({k: config[k] for k in own if k in config})
     settings.update({k: v for k, v in decode_kwargs.items() if v is not None and k in settings})
     return settings
 

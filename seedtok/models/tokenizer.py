@@ -173,10 +173,12 @@ class SeedTokenizer(nn.Module):
         memory[key] = features
         return features
 
-    def caption_scores(self, ids, captions: Sequence[Sequence[str]]) -> torch.Tensor:
+    def caption_scores(self, ids, captions: Sequence[Sequence[str]], by_column: bool = False):
         """Ids [B, N] and K classes' captions -> [B, K] float: per class, the best cosine between the ids'
         contrastive feature (the reconstruction branch's causal embeddings, as code retrieval reads them) and
-        its captions' text features. Needs the reconstruction branch and the Q-Former's text branch."""
+        its captions' text features. Needs the reconstruction branch and the Q-Former's text branch.
+        ``by_column`` (every class with C captions, column j one variant of each, e.g. its scene on background
+        colour j): returns ([B, K], [B, C]), the second per column its best class's cosine."""
         if not (self.config.detokenizer.reconstruction_branch and self.config.qformer.text_branch):
             raise ConfigError(f"{self.config.name} cannot score captions: it needs the de-tokenizer's "
                               "reconstruction branch and the Q-Former's text branch")
@@ -188,6 +190,11 @@ class SeedTokenizer(nn.Module):
         with torch.inference_mode():
             image = self.qformer.image_features(self.detokenizer.reconstruct(self.codes(ids))).float()
         cosines = nn.functional.normalize(image, dim=-1).cpu() @ text.float().T
+        if by_column:
+            if len(set(sizes)) != 1:
+                raise ConfigError("caption_scores by_column needs the same number of captions for every class")
+            grid = cosines.view(len(cosines), len(sizes), sizes[0])
+            return grid.amax(2), grid.amax(1)
         classes = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).expand_as(cosines)
         best = torch.full((cosines.shape[0], len(sizes)), -2.0)
         return best.scatter_reduce(1, classes, cosines, reduce="amax")
@@ -320,13 +327,19 @@ class SeedTokenizer(nn.Module):
         ``seed``: one int for every image (default 0: an image depends only on its ids) or one per image; other
         keyword arguments (``generator``, ``latents``, ``guidance_scale``, ``num_inference_steps``,
         ``batch_size``, ``output_type``, ...) go to ``ImageDecoder.decode``. A decoder with a text prior (the
-        tiny one) also gets ``class_scores``: `caption_scores` of the ids against its classes' captions."""
+        tiny one) also gets ``class_scores``: `caption_scores` of the ids against its classes' captions (and,
+        when its prior also picks the background, ``background_scores``: per background colour)."""
         ids = self.check_ids(ids)
         decoder = self.image_decoder(image_decoder) if image_decoder is not None else self.image_decoder()
         embeddings = self.decode_embeddings(ids).float()
-        captions = decoder.prior_captions(kwargs.get("text_prior_weight"))  # a text prior (tiny)
+        weight = kwargs.get("text_prior_weight")
+        captions = decoder.prior_captions(weight)  # a text prior (tiny)
         if captions is not None and kwargs.get("class_scores") is None:
-            kwargs["class_scores"] = self.caption_scores(ids, captions)
+            if decoder.prior_names_backgrounds(weight) and kwargs.get("background_scores") is None:
+                kwargs["class_scores"], kwargs["background_scores"] = self.caption_scores(ids, captions,
+                                                                                          by_column=True)
+            else:
+                kwargs["class_scores"] = self.caption_scores(ids, captions)
         if negative_ids is not None:
             kwargs["negative_embeddings"] = self.decode_embeddings(negative_ids).float()
         if kwargs.get("generator") is not None:
