@@ -196,7 +196,8 @@ def test_eval_decoder_writes_the_json(folder, scenes, tmp_path, capsys, monkeypa
     assert result["embed_cosine"] == 0.5 and result["images_per_s"] > 0 and result["num_images"] == 3
     # what the reconstructions used: the flags given, the decoder's own defaults otherwise
     assert result["decode_settings"] == {"guidance_scale": 2.0, "num_inference_steps": 1, "strength": 1.0,
-                                         "text_prior": "", "text_prior_weight": 1.0, "text_prior_temperature": 0.02}
+                                         "text_prior": "", "text_prior_weight": 1.0, "text_prior_temperature": 0.02,
+                                         "text_prior_background": False}
     (_, recon, truth), (_, originals, _), (_, cos_a, cos_b) = StubScorer.calls
     assert len(recon) == 3 and {im.size for im in recon} == {(16, 16)}  # reconstructions, then the originals
     assert {im.size for im in originals} == {(64, 64)} and cos_b == recon
