@@ -337,8 +337,8 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
                    help="tiny decoder: share of the steps run from its noised coarse image, in (0, 1] "
                         "(1: from pure noise; default: the decoder's)")
     p.add_argument("--text-prior-weight", type=float, default=None,
-                   help="tiny decoder: weight of its text prior, the ids' caption scores (0: off; "
-                        "default: the decoder's)")
+                   help="tiny decoder: weight of its text prior, the ids' caption scores, in its emoji (and "
+                        "background) choice (0: off; default: the decoder's)")
 
 
 def _decode_kwargs(args) -> dict:

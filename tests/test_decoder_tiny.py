@@ -644,7 +644,8 @@ def test_refit_prototypes_changes_only_the_prototypes_of_a_trained_decoder(tmp_p
     from seedtok.train.decoder import DecoderData
 
     decoder = {"coarse_prototypes": 1142, "coarse_prototype_init": "emoji", "coarse_prototype_ce": 1.0}
-    (tmp_path / "run.json").write_text(json.dumps({"model": "micro", "decoder": decoder,
+    (tmp_path / "run.json").write_text(json.dumps({"model": "micro", "decoder": {**decoder, "strength": 0.5,
+                                                                                 "coarse_temperature": 0.3},
                                                    "train": {"data": "emoji:train:24"}}))
     cfg = dataclasses.replace(tiny_decoder_config("micro"), **decoder)
     TinyDecoder.random(cfg).save_pretrained(tmp_path / "init")
@@ -655,6 +656,9 @@ def test_refit_prototypes_changes_only_the_prototypes_of_a_trained_decoder(tmp_p
     refit = TinyDecoder.from_pretrained(tmp_path / "refit" / "final").pipeline
     a, b = init.unet.state_dict(), refit.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # the UNet is the init's
+    # the decode settings are the config's
+    assert (refit.config.strength, refit.config.coarse_temperature) == (0.5, 0.3) != (init.config.strength,
+                                                                                      init.config.coarse_temperature)
     a = {k: v.clone() for k, v in init.coarse.state_dict().items()}
     b = refit.coarse.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if k != "prototype_images")  # and the MLP, colours, stats

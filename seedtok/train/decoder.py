@@ -60,6 +60,10 @@ from .loop import TrainConfig, TrainResult, read_run_file, with_overrides
 #: coarse head, which then draws the UNet's input as it does when decoding: at its decode temperature)
 DECODER_PARTS = ("all", "coarse", "unet")
 
+#: the ``TinyDecoderConfig`` fields a decoder stores as its decode defaults (``model_index.json``)
+DECODE_SETTINGS = ("guidance_scale", "num_inference_steps", "coarse_temperature", "strength", "text_prior",
+                   "text_prior_weight", "text_prior_temperature", "text_prior_background")
+
 __all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "new_decoder", "refit_prototypes",
            "train_decoder"]
 
@@ -557,8 +561,8 @@ def refit_prototypes(config: str, init: str | Path, out: str | Path, export: str
                      progress: bool = True) -> int:
     """Refit the prototypes of the trained decoder folder ``init`` on the training targets of ``config``'s data
     (`CoarseHead.fit_prototypes`; its head needs one prototype per emoji: ``coarse_prototype_init="emoji"``)
-    and save the decoder to ``OUT/final`` (fp32) and, with ``export``, in fp16; everything but the prototypes
-    is the init's. Renders the targets only (no backbone pass; a decoder run's pixel cache is read when
+    and save the decoder to ``OUT/final`` (fp32) and, with ``export``, in fp16; the weights but the prototypes
+    are the init's, the decode settings (``DECODE_SETTINGS``) the config's. Renders the targets only (no backbone pass; a decoder run's pixel cache is read when
     there is one). Returns how many prototypes were refit."""
     from ..data.sources import open_source
 
@@ -578,6 +582,9 @@ def refit_prototypes(config: str, init: str | Path, out: str | Path, export: str
     data = DecoderData(model_cfg, open_source(train_cfg.data), train_cfg.data, dec_cfg.image_size,
                        cache_dir=out.parent / "cache", progress=progress, target=dec_cfg.target, embeddings=False)
     fitted = coarse.fit_prototypes(data.pixels, data.emoji_labels())
+    # the decode settings stored with it (model_index.json) are the config's, as a trained decoder's are
+    decoder.pipeline.register_to_config(**{name: getattr(dec_cfg, name) for name in DECODE_SETTINGS})
+    decoder.guidance_scale, decoder.num_inference_steps = dec_cfg.guidance_scale, dec_cfg.num_inference_steps
     decoder.save_pretrained(out / "final")
     if export:
         decoder.save_pretrained(export, dtype="fp16")
