@@ -10,7 +10,9 @@ Readers, all given only the 32 ids of each test scene (whose (emoji, colour) pai
   probes trained on those ids, one on the bag of ids (position-blind, as an LM's shared token rows start) and
   one on (position, id) pairs -- what a reader that learns from the ids could get without any pretrained help.
 
-Prints top-1 / top-5 per reader (percent) and writes them to ``--json-out``.
+Prints top-1 / top-5 per reader (percent) and writes them to ``--json-out``; and, for the background colour, how
+often the decoder's head (its learned colour nearest a named one), the caption scores per colour (the best emoji
+on each) and both (as the decoder's ``text_prior_background`` combines them) name it.
 
     python benchmarks/identity_probe.py [--data data/emoji-test] [--train-ids runs/lm-ids/emoji-train-20000-s5 ...]
 """
@@ -24,7 +26,9 @@ import time
 
 import torch
 
+from seedtok.data.emoji import PALETTE
 from seedtok.data.sources import open_source
+from seedtok.models.image_decoder import TEXT_PRIOR_COLOURS
 from seedtok.models.tokenizer import SeedTokenizer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,8 +79,8 @@ def main(argv=None) -> dict:
     ids = torch.cat([tok.encode([s.image for s in samples[i:i + 100]], batch_size=50)
                      for i in range(0, len(samples), 100)])
     with torch.inference_mode():
-        _, head, _, _ = pipe.coarse.float()(tok.decode_embeddings(ids).float(), return_parts=True)
-    captions = tok.caption_scores(ids, decoder.prior_captions(1.0))
+        _, head, _, background = pipe.coarse.float()(tok.decode_embeddings(ids).float(), return_parts=True)
+    captions, colours = tok.caption_scores(ids, decoder.prior_captions(1.0), by_column=True)
     weight, temperature = pipe.config.text_prior_weight, pipe.config.text_prior_temperature
     both = head.float().log_softmax(-1) + pipe.text_log_prior(captions, len(ids))  # as the head combines them
     rows = {"decoder's coarse head (logits)": topk(head, truth),
@@ -96,14 +100,28 @@ def main(argv=None) -> dict:
             scores = linear_probe(train_ids, train_y, ids.cpu(), len(pool()), positional, args.epochs)
             label = f"linear probe on the {name}, {len(train_ids):,} training scenes x {args.epochs} epochs"
             rows[label] = topk(scores, truth)
-    width = max(map(len, rows))
+    # the background: which of the world's named colours (the prior's caption columns) each reader names
+    named = torch.tensor(TEXT_PRIOR_COLOURS[pipe.config.text_prior](), dtype=torch.float32) / 127.5 - 1
+    background_truth = torch.tensor([list(PALETTE).index(s.meta["background"]) for s in samples])
+    nearest = torch.cdist(pipe.coarse.background_palette.detach().float(), named).argmin(1)
+    joint = background.float().log_softmax(-1) + pipe.background_log_prior(colours, len(ids))
+    backgrounds = {"decoder's coarse head (its learned colour's nearest named one)": nearest[background.argmax(1)],
+                   "tokenizer's caption scores per colour (the best emoji on each)": colours.argmax(1),
+                   f"head + text prior (weight {weight:g}, temperature {temperature:g})": nearest[joint.argmax(1)]}
+    backgrounds = {name: 100.0 * (pick == background_truth).float().mean().item()
+                   for name, pick in backgrounds.items()}
+    width = max(map(len, [*rows, *backgrounds]))
     seconds = time.perf_counter() - t0
     print(f"emoji identity from the tiny ids, {len(samples):,} scenes of {args.data} ({seconds:.0f} s)")
     print(f"{'reader':<{width}}  top-1   top-5")
     for name, (top1, top5) in rows.items():
         print(f"{name:<{width}}  {top1:5.1f}   {top5:5.1f}")
+    print(f"{'background colour':<{width}}  top-1")
+    for name, accuracy in backgrounds.items():
+        print(f"{name:<{width}}  {accuracy:5.1f}")
     report = {"data": args.data, "n": len(samples),
-              "readers": {name: {"top1": top1, "top5": top5} for name, (top1, top5) in rows.items()}}
+              "readers": {name: {"top1": top1, "top5": top5} for name, (top1, top5) in rows.items()},
+              "background_readers": backgrounds}
     if args.json_out:
         from seedtok.fileio import atomic_write_text
 
