@@ -19,7 +19,9 @@ and the (detached, upsampled) coarse image (or, with ``unet_condition="target"``
 downsampled, noise-augmented drawing), predicts the scheduler's ``prediction_type`` target (x0 by
 default) for the first ``unet_batch`` samples; plain MSE. The two losses are summed. Noise, timesteps and
 dropout draw from torch's global RNG, which the loop checkpoints, so a resumed run continues exactly. No
-augmentation: a mirrored emoji is another emoji.
+augmentation: a mirrored emoji is another emoji. With ``coarse_prototype_refit`` the prototypes are then refit in
+closed form to their classes' targets (`CoarseHead.fit_prototypes`); `refit_prototypes` does that alone for a
+trained decoder (``seedtok train decoder --refit-prototypes``).
 
 Data (``DecoderData``): targets (the scene, or its centred view: ``target``) are rendered once to uint8
 pixels at the decoder's size, and the teacher embeddings computed once; both are kept in ``cache_dir``
