@@ -685,6 +685,21 @@ def test_refit_prototypes_changes_only_the_prototypes_of_a_trained_decoder(tmp_p
                  "--init", str(tmp_path / "init"), "--out", str(tmp_path / "r2")]) == 2
 
 
+def test_targets_alone_are_rendered_or_read_from_a_runs_pixel_cache(micro_data, monkeypatch):
+    from seedtok.config import preset
+    from seedtok.train.decoder import DecoderData
+
+    cache_dir = micro_data._labels_cache.parent  # the fixture's run cache (pixels + teacher)
+    samples = micro_data.samples
+    rendered = DecoderData(preset("micro"), samples, "emoji:train:16-other", 16, cache_dir=cache_dir,
+                           progress=False, embeddings=False)  # no cache for this spec: rendered
+    assert torch.equal(rendered.pixels, micro_data.pixels) and rendered.embeds is None
+    monkeypatch.setattr(DecoderData, "_target_pixels", lambda *a: (_ for _ in ()).throw(AssertionError))
+    cached = DecoderData(preset("micro"), samples, "emoji:train:16", 16, cache_dir=cache_dir, progress=False,
+                         embeddings=False)
+    assert torch.equal(cached.pixels, micro_data.pixels)
+
+
 def test_training_with_refit_fits_the_trained_prototypes_to_their_classes(tmp_path):
     from seedtok.config import preset
     from seedtok.data.sources import open_source
