@@ -28,7 +28,6 @@ import torch
 
 from seedtok.data.emoji import PALETTE
 from seedtok.data.sources import open_source
-from seedtok.models.image_decoder import TEXT_PRIOR_COLOURS
 from seedtok.models.tokenizer import SeedTokenizer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -101,9 +100,8 @@ def main(argv=None) -> dict:
             label = f"linear probe on the {name}, {len(train_ids):,} training scenes x {args.epochs} epochs"
             rows[label] = topk(scores, truth)
     # the background: which of the world's named colours (the prior's caption columns) each reader names
-    named = torch.tensor(TEXT_PRIOR_COLOURS[pipe.config.text_prior](), dtype=torch.float32) / 127.5 - 1
     background_truth = torch.tensor([list(PALETTE).index(s.meta["background"]) for s in samples])
-    nearest = torch.cdist(pipe.coarse.background_palette.detach().float(), named).argmin(1)
+    nearest = pipe.background_colour_names()
     joint = background.float().log_softmax(-1) + pipe.background_log_prior(colours, len(ids))
     backgrounds = {"decoder's coarse head (its learned colour's nearest named one)": nearest[background.argmax(1)],
                    "tokenizer's caption scores per colour (the best emoji on each)": colours.argmax(1),

@@ -643,6 +643,11 @@ def _emoji_world_colours() -> tuple[tuple[int, int, int], ...]:
 TEXT_PRIOR_COLOURS: dict[str, Callable[[], Sequence[tuple[int, int, int]]]] = {"emoji-world": _emoji_world_colours}
 
 
+#: the ``TinyDecoderConfig`` fields a decoder stores as its decode defaults (``model_index.json``)
+DECODE_SETTINGS = ("guidance_scale", "num_inference_steps", "coarse_temperature", "strength", "text_prior",
+                   "text_prior_weight", "text_prior_temperature", "text_prior_background")
+
+
 #: what the UNet's coarse input shows in training (``TinyDecoderConfig.unet_condition``)
 UNET_CONDITIONS = ("head", "target")
 
@@ -864,8 +869,9 @@ def _coarse_head_class():
                     log_prior: torch.Tensor | None = None, background_log_prior: torch.Tensor | None = None):
             """``temperature``: the prototype softmax's (decoding may sharpen it; no effect without
             prototypes). ``log_prior`` [B, K] (decoding): added to the prototypes' log-probabilities before
-            that softmax; ``background_log_prior`` [B, C] likewise to the background colours'. ``return_parts`` (prototypes only, training): (image, the K logits, the background
-            colour [B, 3] in [-1, 1], the C background logits or None)."""
+            that softmax; ``background_log_prior`` [B, C] likewise to the background colours'.
+            ``return_parts`` (prototypes only, training): (image, the K logits, the background colour [B, 3]
+            in [-1, 1], the C background logits or None)."""
             size, k = self.config.size, self.config.prototypes
             x = (embeds - self.input_mean.to(embeds.dtype)) / self.input_std.to(embeds.dtype)
             out = self.net(x)
@@ -978,34 +984,42 @@ def _tiny_pipeline_class():
 
         def background_log_prior(self, background_scores: torch.Tensor | None, rows: int,
                                  text_prior_weight: float | None = None) -> torch.Tensor | None:
-            """The text prior's term [rows, C] for the coarse head's background colours: weight x
-            log-softmax(background_scores / temperature) over the prior's named colours, each learned colour
-            taking that of its nearest named colour (RGB); None without scores, at weight 0 or when
+            """The text prior's term [rows, C] for the coarse head's background colours: `_prior_term` of
+            the scores over the prior's named colours, each learned colour taking that of its nearest named
+            one (`background_colour_names`); None without scores, at weight 0 or when
             ``text_prior_background`` is off."""
-            weight = self.config.text_prior_weight if text_prior_weight is None else float(text_prior_weight)
-            if background_scores is None or not weight or not self.config.get("text_prior_background", False):
+            if not self.config.get("text_prior_background", False):
                 return None
+            colours = len(TEXT_PRIOR_COLOURS[self.config.text_prior]())
+            term = self._prior_term(background_scores, text_prior_weight, (rows, colours), "background_scores",
+                                    f"the text prior's {colours} background colours")
+            return None if term is None else term[:, self.background_colour_names()]
+
+        def background_colour_names(self) -> torch.Tensor:
+            """[C] long: for each of the coarse head's learned background colours, its nearest (RGB) named
+            colour of the text prior (`TEXT_PRIOR_COLOURS`: caption column j shows colour j)."""
             named = torch.tensor(TEXT_PRIOR_COLOURS[self.config.text_prior](), dtype=torch.float32) / 127.5 - 1
-            if tuple(background_scores.shape) != (rows, len(named)):
-                raise DecodeInputError(f"background_scores must be [{rows}, {len(named)}] for the text prior's "
-                                       f"{len(named)} background colours, got {tuple(background_scores.shape)}")
-            nearest = torch.cdist(self.coarse.background_palette.detach().float().cpu(), named).argmin(1)
-            log_probs = (background_scores.float() / self.config.text_prior_temperature).log_softmax(-1)
-            return weight * log_probs[:, nearest]
+            return torch.cdist(self.coarse.background_palette.detach().float().cpu(), named).argmin(1)
 
         def text_log_prior(self, class_scores: torch.Tensor | None, rows: int,
                            text_prior_weight: float | None = None) -> torch.Tensor | None:
-            """The text prior's term [rows, K] for the coarse head's log-probabilities: weight x
-            log-softmax(class_scores / temperature) (weight: ``text_prior_weight``, default the config's);
-            None without scores or at weight 0."""
-            weight = self.config.text_prior_weight if text_prior_weight is None else float(text_prior_weight)
-            if class_scores is None or not weight:
-                return None
+            """The text prior's term [rows, K] for the coarse head's log-probabilities (`_prior_term`); None
+            without scores or at weight 0."""
             k = self.coarse.config.prototypes
-            if tuple(class_scores.shape) != (rows, k):
-                raise DecodeInputError(f"class_scores must be [{rows}, {k}] for this decoder's {k} prototypes, "
-                                       f"got {tuple(class_scores.shape)}")
-            return weight * (class_scores.float() / self.config.text_prior_temperature).log_softmax(-1)
+            return self._prior_term(class_scores, text_prior_weight, (rows, k), "class_scores",
+                                    f"this decoder's {k} prototypes")
+
+        def _prior_term(self, scores: torch.Tensor | None, text_prior_weight: float | None,
+                        shape: tuple[int, int], name: str, what: str) -> torch.Tensor | None:
+            """weight x log-softmax(scores / ``text_prior_temperature``) (weight: ``text_prior_weight``,
+            default the config's); None without scores or at weight 0."""
+            weight = self.config.text_prior_weight if text_prior_weight is None else float(text_prior_weight)
+            if scores is None or not weight:
+                return None
+            if tuple(scores.shape) != shape:
+                raise DecodeInputError(f"{name} must be [{shape[0]}, {shape[1]}] for {what}, "
+                                       f"got {tuple(scores.shape)}")
+            return weight * (scores.float() / self.config.text_prior_temperature).log_softmax(-1)
 
         def upsample_coarse(self, coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
             """A coarse image [B, 3, c, c] -> bilinearly upsampled to the output size, in the UNet's space."""
@@ -1145,13 +1159,9 @@ def build_tiny_pipeline(config: TinyDecoderConfig | str = "tiny"):
                               timestep_spacing="trailing", set_alpha_to_one=True)
     pipeline = _tiny_pipeline_class()(unet=unet.eval(), scheduler=scheduler,
                                       coarse=coarse.eval() if coarse is not None else None,
-                                      guidance_scale=cfg.guidance_scale,
-                                      num_inference_steps=cfg.num_inference_steps, cond_dropout=cfg.cond_dropout,
-                                      patch_size=cfg.patch_size, coarse_temperature=cfg.coarse_temperature,
-                                      strength=cfg.strength, unet_condition=cfg.unet_condition,
-                                      text_prior=cfg.text_prior, text_prior_weight=cfg.text_prior_weight,
-                                      text_prior_temperature=cfg.text_prior_temperature,
-                                      text_prior_background=cfg.text_prior_background)
+                                      cond_dropout=cfg.cond_dropout, patch_size=cfg.patch_size,
+                                      unet_condition=cfg.unet_condition,
+                                      **{name: getattr(cfg, name) for name in DECODE_SETTINGS})
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -53,18 +53,14 @@ from ..data.transforms import preprocess
 from ..errors import CheckpointError, ConfigError
 # the centred training target is the scorer's view of a scene (one definition of "centred", shared)
 from ..evaluate.emoji_scorer import normalize_scene
-from ..models.image_decoder import (TINY_DECODERS, UNET_CONDITIONS, TinyDecoder, TinyDecoderConfig, border_colour,
-                                    tiny_decoder_config)
+from ..models.image_decoder import (DECODE_SETTINGS, TINY_DECODERS, UNET_CONDITIONS, TinyDecoder, TinyDecoderConfig,
+                                    border_colour, tiny_decoder_config)
 from .loop import TrainConfig, TrainResult, read_run_file, with_overrides
 
 #: what ``TrainConfig.train_parts`` may train of a decoder: everything; the coarse head alone (the UNet of an
 #: ``--init`` decoder kept as it is); or the UNet alone (fine-tuned from an ``--init`` decoder under its frozen
 #: coarse head, which then draws the UNet's input as it does when decoding: at its decode temperature)
 DECODER_PARTS = ("all", "coarse", "unet")
-
-#: the ``TinyDecoderConfig`` fields a decoder stores as its decode defaults (``model_index.json``)
-DECODE_SETTINGS = ("guidance_scale", "num_inference_steps", "coarse_temperature", "strength", "text_prior",
-                   "text_prior_weight", "text_prior_temperature", "text_prior_background")
 
 __all__ = ["DecoderData", "DecoderModel", "DecoderTask", "load_decoder_run_config", "new_decoder", "refit_prototypes",
            "train_decoder"]
@@ -113,10 +109,14 @@ class DecoderData:
         self.background_targets: torch.Tensor | None = None
         pixels_cache = cache_dir / f"decoder-{_key(config, data_spec, self.size, target)}.safetensors"
         if not embeddings:  # the targets alone (`refit_prototypes`): no backbone pass
-            from safetensors.torch import load_file
+            if pixels_cache.is_file():  # a decoder run's cache: read its pixels, not its embeddings
+                from safetensors import safe_open
 
-            self.pixels = load_file(str(pixels_cache))["pixels"] if pixels_cache.is_file() else torch.cat(
-                [self._target_pixels(start) for start in self._starts("render decoder targets")])
+                with safe_open(str(pixels_cache), "pt") as f:
+                    self.pixels = f.get_tensor("pixels")
+            else:
+                self.pixels = torch.cat([self._target_pixels(start)
+                                         for start in self._starts("render decoder targets")])
             self.teacher = self.embeds = None
             return
         # the tokenizer's feature cache for the same data, when there is one (same key as TokenizerData's)
@@ -564,8 +564,8 @@ def refit_prototypes(config: str, init: str | Path, out: str | Path, export: str
     """Refit the prototypes of the trained decoder folder ``init`` on the training targets of ``config``'s data
     (`CoarseHead.fit_prototypes`; its head needs one prototype per emoji: ``coarse_prototype_init="emoji"``)
     and save the decoder to ``OUT/final`` (fp32) and, with ``export``, in fp16; the weights but the prototypes
-    are the init's, the decode settings (``DECODE_SETTINGS``) the config's. Renders the targets only (no backbone pass; a decoder run's pixel cache is read when
-    there is one). Returns how many prototypes were refit."""
+    are the init's, the decode settings (``DECODE_SETTINGS``) the config's. Renders the targets only (no
+    backbone pass; a decoder run's pixel cache is read when there is one). Returns how many were refit."""
     from ..data.sources import open_source
 
     model_cfg, dec_cfg, train_cfg = load_decoder_run_config(config)
@@ -586,7 +586,6 @@ def refit_prototypes(config: str, init: str | Path, out: str | Path, export: str
     fitted = coarse.fit_prototypes(data.pixels, data.emoji_labels())
     # the decode settings stored with it (model_index.json) are the config's, as a trained decoder's are
     decoder.pipeline.register_to_config(**{name: getattr(dec_cfg, name) for name in DECODE_SETTINGS})
-    decoder.guidance_scale, decoder.num_inference_steps = dec_cfg.guidance_scale, dec_cfg.num_inference_steps
     decoder.save_pretrained(out / "final")
     if export:
         decoder.save_pretrained(export, dtype="fp16")
